@@ -1,0 +1,87 @@
+"""Defaults shared by the experiment configs. Each value says where it comes from."""
+
+from ml_collections import ConfigDict
+
+from core.mesh import DEFAULT_RULES
+
+
+def tokenizer_base() -> ConfigDict:
+    """Everything a tokenizer run needs apart from the model and quantizer."""
+    return ConfigDict(
+        dict(
+            job="train_tokenizer",
+            seed=0,
+            num_steps=400_000,
+            init_from="",  # another run's workdir: start from its params
+            data=dict(
+                train="tfds:imagenet2012",
+                train_split="train",
+                eval="tfds:imagenet2012",
+                eval_split="validation",
+                data_dir=None,  # TFDS data_dir holding the prepared imagenet2012
+                image_size=256,
+                global_batch_size=128,  # LlamaGen VQ tokenizer
+            ),
+            eval=dict(batch_size=64, num_examples=10_000),
+            loss=dict(l2_weight=1.0, l1_weight=0.0),
+            # LlamaGen VQ tokenizer: Adam(0.9, 0.95), lr 1e-4, weight decay 0.05, constant lr.
+            optimizer=dict(
+                name="adamw",
+                lr=1e-4,
+                b1=0.9,
+                b2=0.95,
+                weight_decay=0.05,
+                grad_clip_norm=1.0,
+                schedule="constant",
+                warmup_steps=0,
+                end_lr_fraction=0.0,
+            ),
+            log_every=100,
+            checkpoint_every=5_000,
+            keep_checkpoints=3,
+            eval_every=20_000,
+            mesh=dict(data=-1, fsdp=1, model=1),
+            sharding_rules=tuple(DEFAULT_RULES),
+        )
+    )
+
+
+def vq_quantizer(**overrides) -> ConfigDict:
+    """VectorQuantizer keyword arguments (tokenizers/vq.py) with LlamaGen-style defaults."""
+    quantizer = dict(
+        name="vq",
+        codebook_size=16384,
+        code_dim=None,
+        l2_normalize=False,
+        beta=0.25,  # commitment weight (VQ-VAE, LlamaGen, MaskGIT)
+        codebook_weight=1.0,
+        use_ema=False,
+        ema_decay=0.99,
+        ema_epsilon=1e-5,
+        kmeans_init=False,
+        kmeans_iters=10,
+        restart_dead_codes=False,
+        dead_code_threshold=1e-3,
+        entropy_weight=0.0,
+        entropy_temperature=0.01,
+        usage_decay=0.99,
+        search_chunk_size=8192,
+    )
+    quantizer.update(overrides)
+    return ConfigDict(quantizer, type_safe=False)
+
+
+def shrink_to_tiny(config: ConfigDict) -> None:
+    """CPU-sized variant on built-in data: trains in a couple of minutes on 2 cores."""
+    config.num_steps = 600
+    config.data.update(
+        train="builtin:shapes",
+        train_split="train",
+        eval="builtin:shapes",
+        eval_split="test",
+        image_size=32,
+        global_batch_size=32,
+    )
+    config.eval.update(batch_size=64, num_examples=512)
+    config.optimizer.update(lr=1e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0)
+    config.update(log_every=50, checkpoint_every=200, eval_every=0)

@@ -1,0 +1,34 @@
+"""VQ tokenizer: ViT-B/16 encoder and decoder, 16x16 tokens from 256x256 images, 16384 codes of
+8 l2-normalised dimensions behind linear projections (LlamaGen / ViT-VQGAN recipe).
+
+  python run.py --config=configs/vq_b16.py --workdir=DIR            # ImageNet (TFDS)
+  python run.py --config=configs/vq_b16.py:tiny --workdir=DIR       # CPU-sized, built-in data
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def get_config(arg=None):
+    config = common.tokenizer_base()
+    config.model = ConfigDict(
+        dict(
+            architecture="vit",
+            latent_dim=256,  # LlamaGen's z_channels; the quantizer projects 256 -> 8 -> 256
+            dtype="bfloat16",
+            encoder=dict(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
+            decoder=dict(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
+        )
+    )
+    config.quantizer = common.vq_quantizer(codebook_size=16384, code_dim=8, l2_normalize=True)
+    if arg == "tiny":
+        common.shrink_to_tiny(config)
+        config.model.update(latent_dim=32, dtype="float32")
+        vit = dict(patch_size=4, width=64, depth=2, heads=4, mlp_dim=128)
+        config.model.encoder.update(vit)
+        config.model.decoder.update(vit)
+        config.quantizer.update(codebook_size=256, code_dim=8)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/vq_b16.py; use '' or 'tiny'")
+    return config

@@ -1,0 +1,1 @@
+"""Machinery shared by the jobs: mesh, data, checkpoints, metrics, the training loop."""

@@ -1,0 +1,88 @@
+"""Orbax checkpoints under WORKDIR/checkpoints: train state plus the config that made it.
+
+Resume order (see `restore_or_init` in core/train_state.py): the workdir's latest checkpoint,
+then `config.init_from`, then a fresh init. Restoring takes an abstract target whose leaves carry
+the current run's shardings, so a checkpoint written on one mesh loads onto another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used with this run."""
+
+
+def manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, config_dict: dict, *, force=False):
+    """Saves asynchronously; returns at once. Call `mngr.wait_until_finished()` before exiting."""
+    saved = mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(json.loads(json.dumps(config_dict, default=str))),
+        ),
+        force=force,
+    )
+    if saved:
+        logging.info("checkpoint: saving step %d to %s", step, mngr.directory)
+    return saved
+
+
+def restore(mngr_or_dir, abstract_state, step: int | None = None):
+    """Restores the train state at `step` (default: latest) onto the shardings of the target.
+
+    `mngr_or_dir` is a CheckpointManager or a checkpoints directory (for `config.init_from`).
+    Returns (state, saved_config_dict) or None when there is no checkpoint.
+    """
+    mngr = mngr_or_dir
+    if isinstance(mngr_or_dir, str):
+        path = mngr_or_dir
+        if os.path.isdir(os.path.join(path, "checkpoints")):
+            path = os.path.join(path, "checkpoints")
+        mngr = ocp.CheckpointManager(
+            os.path.abspath(path),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_names=("state", "config"),
+        )
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        return None
+    try:
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.directory} does not match this model "
+            f"({type(err).__name__}: {err}). Use a fresh --workdir, or the config that wrote it "
+            "(saved beside the checkpoint as config)."
+        ) from err
+    return restored.state, restored.config
+
+
+def abstract_with_shardings(state, shardings):
+    """ShapeDtypeStructs carrying the target shardings, for orbax restore."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )

@@ -1,0 +1,629 @@
+"""Image data for every job: sources picked by a string spec, preprocessing, batch iterator.
+
+Specs:
+  tfds:NAME[:SPLIT]   a prepared TFDS image dataset ('image', optional 'label'); never downloads.
+  folder:PATH         JPEG/PNG/WebP files under PATH; class = top-level subfolder (else 0).
+                      If PATH/<split> is a directory it is used for that split.
+  builtin:shapes      procedurally drawn labelled shapes (core/builtin_data.py).
+  builtin:photos      random crops of the photographs bundled with scikit-image.
+
+`batches(...)` yields {'image': uint8 [B, H, W, 3], 'label': int32 [B]} (+ 'mask' in eval)
+for this process. Train order is a pure function of (seed, epoch); augmentation of
+(seed, epoch, index); so global batches do not depend on the process count and
+`start_step=k` resumes exactly without reading skipped data. TFDS datasets stored as
+TFRecord (no random access) are the one exception; see `TfdsStream`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import io
+import logging
+import math
+import os
+import re
+import threading
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+SHUFFLE_BUFFER = 4096  # TFDS streaming only: encoded examples held for the buffer shuffle.
+_PERM_TAG, _AUG_TAG = 0x7E12, 0xA09  # Keep permutation and augmentation seeds disjoint.
+
+
+class DataError(ValueError):
+    """A user-facing data problem; the message names the cause and the fix."""
+
+
+class UnreadableImage(DataError):
+    """One example could not be decoded; iterators skip it and count it."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: {reason}")
+        self.what = what
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def to_pil(image, draft: int | None = None) -> Image.Image:
+    """Encoded bytes, a file path, an array or a PIL image -> RGB PIL image.
+
+    `draft` lets JPEG decode at a reduced scale whose shorter side is still >= draft,
+    which makes training on large JPEGs several times cheaper.
+    """
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        pil = Image.fromarray(image)
+    else:
+        pil = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+        if draft:
+            pil.draft("RGB", (draft, draft))
+    return pil.convert("RGB")  # Also forces the full decode, so errors surface here.
+
+
+def decode(image, what: str, draft: int | None = None) -> Image.Image:
+    """to_pil, turning any decode failure into UnreadableImage naming `what`."""
+    try:
+        return to_pil(image, draft)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(what, f"{type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def resize_shorter(image: Image.Image, target: int) -> Image.Image:
+    """ADM's resize: halve with BOX while >= 2x too large, then BICUBIC to shorter == target."""
+    if min(image.size) == target:
+        return image
+    while min(image.size) >= 2 * target:
+        image = image.resize((image.width // 2, image.height // 2), Image.BOX)
+    scale = target / min(image.size)
+    size = (round(image.width * scale), round(image.height * scale))
+    return image.resize(size, Image.BICUBIC)
+
+
+def preprocess(
+    image, size: int, rng: np.random.Generator | None = None, max_upscale: float = 1.0
+) -> np.ndarray:
+    """uint8 [size, size, 3]. Eval (rng=None): shorter side to `size`, centre crop.
+
+    Train: shorter side to size * U(1, max_upscale), random crop, random horizontal flip
+    (ADM/MaskGIT style; no Inception random-resized crop).
+    """
+    if isinstance(image, np.ndarray) and image.shape == (size, size, 3) and max_upscale <= 1:
+        array = image  # Builtin sources render at the target size: skip PIL entirely.
+    else:
+        target = size
+        if rng is not None and max_upscale > 1:
+            target = round(size * rng.uniform(1.0, max_upscale))
+        array = np.asarray(resize_shorter(to_pil(image), target))
+    h, w = array.shape[:2]
+    if rng is None:
+        y0, x0 = (h - size) // 2, (w - size) // 2
+        return array[y0 : y0 + size, x0 : x0 + size]
+    y0, x0 = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+    array = array[y0 : y0 + size, x0 : x0 + size]
+    return np.ascontiguousarray(array[:, ::-1] if rng.random() < 0.5 else array)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class _DecodingSource:
+    """Base of sources that decode stored images: counts unreadable ones, warns once each.
+
+    Subclasses define __len__, name, num_classes and load(index, draft) -> (PIL image, label).
+    """
+
+    def __init__(self):
+        self.skipped: dict[str, str] = {}  # What -> why, for every unreadable example seen.
+        self._lock = threading.Lock()  # load() runs in the iterator's threads.
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def _decode(self, image, what: str, draft: int | None) -> Image.Image:
+        try:
+            return decode(image, what, draft)
+        except UnreadableImage as e:
+            with self._lock:
+                new = e.what not in self.skipped
+                self.skipped[e.what] = str(e)
+            if new:
+                log.warning("Skipping unreadable image %s (%d skipped)", e, self.num_skipped)
+            raise
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self.load(index)
+        return np.asarray(image), label
+
+
+class FolderSource(_DecodingSource):
+    """Image files under a directory, found recursively and sorted for determinism."""
+
+    def __init__(self, path: str, split: str):
+        super().__init__()
+        root = os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path
+        if not os.path.isdir(root):
+            raise DataError(f"folder:{path}: no such directory. Pass an existing image folder.")
+        self.root = os.path.abspath(root)
+        self.files = _list_images(self.root)
+        if not self.files:
+            raise DataError(
+                f"folder:{path}: no {'/'.join(IMAGE_EXTENSIONS)} files found under "
+                f"{self.root}. Point the spec at a folder of images (class subfolders optional)."
+            )
+        self.class_names, self.labels = _folder_labels(self.files)
+        self.num_classes = len(self.class_names)
+        self.name = f"folder:{self.root}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int, draft: int | None = None) -> tuple[Image.Image, int]:
+        path = os.path.join(self.root, self.files[index])
+        return self._decode(path, path, draft), self.labels[index]
+
+
+def _list_images(root: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.normpath(os.path.join(rel, name)))
+    return sorted(found)
+
+
+def _folder_labels(files: list[str]) -> tuple[list[str], list[int]]:
+    """Class = top-level subfolder (sorted names), unless some images sit in the root."""
+    tops = [f.split(os.sep, 1)[0] if os.sep in f else None for f in files]
+    if None in tops:
+        return ["all"], [0] * len(files)
+    names = sorted(set(tops))
+    index = {n: i for i, n in enumerate(names)}
+    return names, [index[t] for t in tops]
+
+
+def make_source(spec: str, split: str, *, image_size: int, data_dir: str | None = None):
+    """The source named by `spec` (see the module docstring); a split in the spec wins."""
+    scheme, sep, rest = spec.partition(":")
+    if scheme == "builtin" and sep:
+        from core import builtin_data
+
+        if rest not in builtin_data.BUILTINS:
+            raise DataError(
+                f"Unknown builtin dataset {rest!r}; valid: "
+                + ", ".join(f"builtin:{n}" for n in builtin_data.BUILTINS)
+            )
+        return builtin_data.BUILTINS[rest](split, image_size)
+    if scheme == "folder" and rest:
+        return FolderSource(rest, split)
+    if scheme == "tfds" and rest:
+        name, spec_split = _parse_tfds(rest)
+        return open_tfds(name, spec_split or split, data_dir)
+    raise DataError(
+        f"Unknown data spec {spec!r}; valid forms: tfds:NAME[:SPLIT], folder:PATH, "
+        "builtin:shapes, builtin:photos."
+    )
+
+
+def _parse_tfds(rest: str) -> tuple[str, str | None]:
+    """'NAME[/CONFIG][:X.Y.Z][:SPLIT]'; splits may contain ':' inside slices."""
+    match = re.fullmatch(r"([^:\[]+(?::\d+\.\d+\.\d+)?)(?::(.+))?", rest)
+    if not match:
+        raise DataError(f"Bad TFDS spec 'tfds:{rest}'; expected tfds:NAME[:SPLIT].")
+    return match.group(1), match.group(2)
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _import_tfds():
+    """Imported only for tfds: specs. TF must never claim the GPUs that JAX uses."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices elsewhere; too late to hide.
+        pass
+    import tensorflow_datasets as tfds
+
+    return tf, tfds
+
+
+_ARRAY_RECORD = (
+    "array_record gives random access, exact resume and process-count-independent batches; "
+    "TFRecord data is streamed (see core.data.TfdsStream)."
+)
+
+
+def _not_prepared(name: str, data_dir: str | None, searched: str) -> DataError:
+    base = name.split(":")[0]
+    how = f"Prepare it once with `tfds build {base} --data_dir=DIR --file_format=array_record`"
+    if base.startswith("imagenet2012"):
+        how = (
+            "ImageNet cannot be fetched automatically: download ILSVRC2012_img_train.tar and "
+            "ILSVRC2012_img_val.tar manually into DIR/downloads/manual/, then run "
+            f"`tfds build {base} --data_dir=DIR --file_format=array_record`"
+        )
+    return DataError(
+        f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r} (searched "
+        f"{searched}); nothing is downloaded at run time. {how}, then pass "
+        f"--config.data.data_dir=DIR. {_ARRAY_RECORD}"
+    )
+
+
+def open_tfds(name: str, split: str, data_dir: str | None):
+    """A random-access TfdsSource when stored as ArrayRecord/Parquet, else a TfdsStream."""
+    _, tfds = _import_tfds()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(f"TFDS has no dataset {name!r}: {str(e).splitlines()[0]}") from e
+    features = builder.info.features
+    if "image" not in features:
+        raise DataError(f"TFDS dataset {name!r} has no 'image' feature: {list(features)}")
+    label = features["label"] if "label" in features else None
+    num_classes = int(getattr(label, "num_classes", None) or 1)
+    decoders = {"image": tfds.decode.SkipDecoding()}  # We decode with PIL in our threads.
+    try:
+        try:
+            data = builder.as_data_source(split, decoders=decoders)
+        except NotImplementedError:  # Stored as TFRecord: no random access, so stream.
+            return TfdsStream(builder, split, num_classes, tfds)
+    except Exception as e:  # Whatever tfds raises, say what is missing if it is missing.
+        if builder.is_prepared():
+            raise
+        raise _not_prepared(name, data_dir, builder.data_dir) from e
+    return TfdsSource(f"tfds:{name}:{split}", data, num_classes)
+
+
+class TfdsSource(_DecodingSource):
+    """Random access into a prepared ArrayRecord/Parquet TFDS split."""
+
+    def __init__(self, name: str, data, num_classes: int):
+        super().__init__()
+        self.name, self.num_classes, self._data = name, num_classes, data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def load(self, index: int, draft: int | None = None) -> tuple[Image.Image, int]:
+        example = self._data[index]
+        image = self._decode(example["image"], f"{self.name}[{index}]", draft)
+        return image, int(example.get("label", 0))
+
+
+class TfdsStream(_DecodingSource):
+    """A TFRecord TFDS split read sequentially with tf.data (no random access).
+
+    Differences from the random-access scheme: each process streams its own
+    `tfds.split_for_jax_process` slice, so batch content depends on the process count;
+    the order is a file shuffle plus a SHUFFLE_BUFFER shuffle, both seeded by (seed, epoch);
+    resuming at step k skips k * local_batch examples of this process's stream (the current
+    epoch's part is read, though not decoded). Rebuild with `--file_format=array_record` for
+    the exact, process-count-independent scheme.
+    """
+
+    def __init__(self, builder, split: str, num_classes: int, tfds):
+        super().__init__()
+        self._builder, self._split, self._tfds = builder, split, tfds
+        self.name = f"tfds:{builder.name}:{split}"
+        self.num_classes = num_classes
+        self._has_label = "label" in builder.info.features
+        self._len = self._size(split)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _dataset(self, split, shuffle_seed: int | None):
+        read_config = self._tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+        ds = self._builder.as_dataset(
+            split=split,
+            shuffle_files=shuffle_seed is not None,
+            decoders={"image": self._tfds.decode.SkipDecoding()},
+            read_config=read_config,
+        )
+        has_label = self._has_label
+        ds = ds.map(lambda ex: (ex["image"], ex["label"] if has_label else 0))
+        if shuffle_seed is not None:
+            ds = ds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed)
+        return ds
+
+    def _size(self, split) -> int:
+        size = int(self._dataset(split, None).cardinality())
+        if size < 0:  # Unknown cardinality: fall back on the recorded split size.
+            size = self._builder.info.splits[split].num_examples
+        return size
+
+    def local_split(self, process_index: int, process_count: int):
+        if process_count == 1:
+            return self._split
+        return self._tfds.split_for_jax_process(
+            self._split, process_index=process_index, process_count=process_count
+        )
+
+    def examples(self, *, process_index, process_count, seed, train, start):
+        """(epoch, position, encoded image, label) from position `start` of this stream."""
+        split = self.local_split(process_index, process_count)
+        if not train:
+            yield from ((0, *ex) for ex in self._epoch(split, None, start))
+            return
+        size = self._size(split)
+        if size == 0:
+            raise DataError(f"{self.name}: process {process_index} has no examples.")
+        epoch, offset = divmod(start, size)
+        while True:
+            tf_seed = int(np.random.SeedSequence([_PERM_TAG, seed, epoch]).generate_state(1)[0])
+            yield from ((epoch, *ex) for ex in self._epoch(split, tf_seed, offset))
+            epoch, offset = epoch + 1, 0
+
+    def _epoch(self, split, tf_seed, offset):
+        ds = self._dataset(split, tf_seed).skip(offset).prefetch(2)
+        for position, (image, label) in enumerate(ds.as_numpy_iterator(), offset):
+            yield position, image, int(label)
+
+    def load_encoded(self, image: bytes, label: int, what: str, draft: int | None):
+        return self._decode(image, what, draft), label
+
+    def load(self, index: int, draft: int | None = None):
+        raise DataError(f"{self.name} is stored as TFRecord: no random access. {_ARRAY_RECORD}")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class BatchIterator:
+    """Iterator of this process's batches; see `batches` for the contract."""
+
+    def __init__(
+        self,
+        source,
+        *,
+        image_size,
+        global_batch_size,
+        process_index,
+        process_count,
+        train,
+        seed,
+        start_step=0,
+        num_threads=None,
+        prefetch=2,
+        max_upscale=1.0,
+    ):
+        self.source, self.image_size, self.train = source, image_size, train
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index, self.process_count = process_index, process_count
+        self.seed = int(seed) & (2**64 - 1)  # SeedSequence wants non-negative entropy.
+        self.step, self._planned, self.prefetch = start_step, start_step, prefetch
+        self.max_upscale = max_upscale if train else 1.0
+        self._draft = math.ceil(image_size * self.max_upscale) if train else None
+        self._streaming = isinstance(source, TfdsStream)
+        self._stream, self._perms = None, {}
+        self.num_batches = None if train else self._eval_batches()
+        self._pending = collections.deque()
+        threads = num_threads or min(32, os.cpu_count() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="data")
+        log.info(
+            "data: %s, %d examples, %d classes, %s, global batch %d (local %d, process %d/%d), "
+            "start step %d, %d threads, %d unreadable so far",
+            source.name,
+            len(source),
+            source.num_classes,
+            "train" if train else "eval",
+            global_batch_size,
+            self.local_batch_size,
+            process_index,
+            process_count,
+            start_step,
+            threads,
+            self.num_skipped,
+        )
+
+    @property
+    def num_skipped(self) -> int:
+        return self.source.num_skipped
+
+    def _eval_batches(self) -> int:
+        n = len(self.source)
+        if not self._streaming:
+            return math.ceil(n / self.global_batch_size)
+        # Every process must run the same number of steps; even splits differ by <= 1.
+        return math.ceil(math.ceil(n / self.process_count) / self.local_batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.num_batches is not None and self.step >= self.num_batches:
+            self._finish()
+            raise StopIteration
+        self._fill()
+        results = [future.result() for future in self._pending.popleft()]
+        self.step += 1
+        self._fill()
+        return self._collate(results)
+
+    def _fill(self) -> None:
+        """Keep up to `prefetch` batches beyond the current one decoding in the pool."""
+        while len(self._pending) <= self.prefetch and (
+            self.num_batches is None or self._planned < self.num_batches
+        ):
+            jobs = self._stream_jobs() if self._streaming else self._random_jobs(self._planned)
+            self._pending.append([self._pool.submit(job) for job in jobs])
+            self._planned += 1
+
+    def _random_jobs(self, step: int) -> list:
+        start = step * self.global_batch_size + self.process_index * self.local_batch_size
+        positions = range(start, start + self.local_batch_size)
+        n = len(self.source)
+        if not self.train:
+            return [functools.partial(self._item, q if q < n else None, None) for q in positions]
+        jobs = []
+        for q in positions:
+            epoch, index = divmod(q, n)
+            index = int(self._perm(epoch)[index])
+            jobs.append(functools.partial(self._item, index, (self.seed, epoch, index)))
+        return jobs
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # A batch spans at most two epochs.
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([_PERM_TAG, self.seed, epoch])
+            self._perms[epoch] = rng.permutation(len(self.source))
+            log.info(
+                "data: %s epoch %d (%d unreadable so far)",
+                self.source.name,
+                epoch,
+                self.num_skipped,
+            )
+        return self._perms[epoch]
+
+    def _item(self, index: int | None, aug_key: tuple | None):
+        """(uint8 image, label), or None for padding and unreadable examples."""
+        if index is None:
+            return None
+        try:
+            image, label = self.source.load(index, self._draft)
+        except UnreadableImage:
+            return None  # Already counted and logged by the source.
+        rng = None if aug_key is None else np.random.default_rng([_AUG_TAG, *aug_key])
+        return preprocess(image, self.image_size, rng, self.max_upscale), label
+
+    def _stream_jobs(self) -> list:
+        if self._stream is None:
+            self._stream = self.source.examples(
+                process_index=self.process_index,
+                process_count=self.process_count,
+                seed=self.seed,
+                train=self.train,
+                start=self._planned * self.local_batch_size,
+            )
+        jobs = []
+        for _ in range(self.local_batch_size):
+            example = next(self._stream, None)
+            jobs.append(functools.partial(self._stream_item, example))
+        return jobs
+
+    def _stream_item(self, example):
+        if example is None:
+            return None
+        epoch, position, image, label = example
+        what = f"{self.source.name} process {self.process_index} position {position}"
+        try:
+            image, label = self.source.load_encoded(image, label, what, self._draft)
+        except UnreadableImage:
+            return None
+        key = (self.seed, epoch, self.process_index, position)
+        rng = np.random.default_rng([_AUG_TAG, *key]) if self.train else None
+        return preprocess(image, self.image_size, rng, self.max_upscale), label
+
+    def _collate(self, results: list) -> dict[str, np.ndarray]:
+        valid = np.array([r is not None for r in results])
+        if self.train and not valid.all():
+            # Replace unreadable examples by readable ones of the same batch (deterministic).
+            good = np.flatnonzero(valid)
+            if not len(good):
+                raise DataError(f"{self.source.name}: every image of a batch was unreadable.")
+            results = [r or results[good[i % len(good)]] for i, r in enumerate(results)]
+        blank = (np.zeros((self.image_size,) * 2 + (3,), np.uint8), 0)
+        results = [r or blank for r in results]
+        batch = {
+            "image": np.stack([image for image, _ in results]),
+            "label": np.array([label for _, label in results], np.int32),
+        }
+        if not self.train:
+            batch["mask"] = valid
+        return batch
+
+    def _finish(self) -> None:
+        if self._pool is not None:
+            log.info(
+                "data: finished %s: %d batches, %d unreadable skipped",
+                self.source.name,
+                self.step,
+                self.num_skipped,
+            )
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_pool", None) is not None:  # Also safe if __init__ failed.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            self._pending.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def batches(
+    spec: str,
+    *,
+    split: str,
+    image_size: int,
+    global_batch_size: int,
+    train: bool,
+    seed: int,
+    data_dir: str | None = None,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int | None = None,
+    prefetch: int = 2,
+    max_upscale: float = 1.0,
+) -> BatchIterator:
+    """This process's batches of `spec`.
+
+    train=True: endless. Global batch s holds positions [s*GB, (s+1)*GB) of the stream of
+    epochs (epoch e = permutation of all indices seeded by (seed, e)); process p gets
+    [p*LB, (p+1)*LB) of it. `start_step=k` yields what a fresh iterator's k-th batch would.
+    train=False: one ordered pass, the last batch padded; 'mask' is False on padding (and on
+    unreadable images); batch b, row j of process p is example b*GB + p*LB + j.
+    num_threads: decode threads (default: CPU count, at most 32); prefetch: batches decoded
+    ahead; max_upscale > 1 resizes the shorter side to size*U(1, max_upscale) before the crop.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise DataError(
+            f"global_batch_size={global_batch_size} is not divisible by the "
+            f"{process_count} processes; pick a multiple of {process_count}."
+        )
+    source = make_source(spec, split, image_size=image_size, data_dir=data_dir)
+    return BatchIterator(
+        source,
+        image_size=image_size,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        train=train,
+        seed=seed,
+        start_step=start_step,
+        num_threads=num_threads,
+        prefetch=prefetch,
+        max_upscale=max_upscale,
+    )

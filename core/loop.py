@@ -1,0 +1,162 @@
+"""The one training loop shared by every training job.
+
+A job supplies a jitted `step(state, batch) -> (state, metrics)`, a host batch iterator and an
+optional `evaluate(state, step) -> dict`. The loop owns step timing, logging (console,
+TensorBoard, metrics.jsonl), checkpoint cadence, SIGTERM handling and the NaN guard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+from core import checkpoint, mesh as mesh_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+
+class MetricWriter:
+    """Console lines, TensorBoard events and WORKDIR/metrics.jsonl (process 0 writes)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.tb = None
+        self.jsonl = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, metrics: dict, *, prefix: str = ""):
+        if not self.enabled:
+            return
+        scalars = {prefix + k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks, so the run can checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def format_line(step: int, total: int, metrics: dict, steps_per_s: float) -> str:
+    eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
+    parts = [f"step {step}/{total}"]
+    for key in sorted(metrics):
+        parts.append(f"{key} {float(metrics[key]):.4g}")
+    parts.append(f"{steps_per_s:.2f} steps/s")
+    parts.append(f"ETA {_duration(eta)}")
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def _check_finite(history: list[tuple[int, dict]], last_saved: int | None, ckpt_dir: str):
+    for step, metrics in history:
+        bad = [k for k, v in metrics.items() if k.startswith("loss") and not np.isfinite(v)]
+        if bad:
+            kept = f"step {last_saved} in {ckpt_dir}" if last_saved is not None else "none yet"
+            raise NonFiniteLossError(
+                f"{', '.join(bad)} became {metrics[bad[0]]} at step {step}. Last good "
+                f"checkpoint: {kept} (kept; a rerun resumes from it). Lower the learning rate, "
+                "enable gradient clipping or check the input data."
+            )
+
+
+def train(
+    *,
+    state,
+    step_fn: Callable,
+    batches: Iterator[dict],
+    mesh,
+    num_steps: int,
+    writer: MetricWriter,
+    ckpt_manager,
+    config_dict: dict,
+    log_every: int,
+    checkpoint_every: int,
+    eval_every: int = 0,
+    evaluate: Callable | None = None,
+):
+    """Runs steps until `num_steps`; returns (state, last logged metrics, stopped_early)."""
+    step = int(state.step)
+    history: list[tuple[int, jax.Array]] = []
+    last_metrics: dict = {}
+    last_saved = ckpt_manager.latest_step()
+    timer_step, timer_start = step, time.perf_counter()
+    if step >= num_steps:
+        logging.info("already at step %d of %d: nothing to train", step, num_steps)
+    with _Preemption() as preemption:
+        while step < num_steps:
+            batch = mesh_lib.host_batch_to_global(next(batches), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            history.append((step, metrics))
+            stop = preemption.requested or ckpt_manager.reached_preemption(step)
+            save = step % checkpoint_every == 0 or step == num_steps or stop
+            if step % log_every == 0 or save:
+                fetched = [(s, jax.device_get(m)) for s, m in history]
+                history.clear()
+                _check_finite(fetched, last_saved, str(ckpt_manager.directory))
+                last_metrics = _mean_metrics(fetched)
+                rate = (step - timer_step) / (time.perf_counter() - timer_start)
+                timer_step, timer_start = step, time.perf_counter()
+                logging.info(format_line(step, num_steps, last_metrics, rate))
+                writer.write(step, {**last_metrics, "steps_per_s": rate})
+            if save:
+                checkpoint.save(ckpt_manager, step, state, config_dict, force=stop)
+                last_saved = step
+            if evaluate is not None and eval_every and step % eval_every == 0:
+                writer.write(step, evaluate(state, step), prefix="eval/")
+            if stop:
+                break
+    ckpt_manager.wait_until_finished()
+    return state, last_metrics, step < num_steps
+
+
+def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
+    keys = history[-1][1].keys()
+    return {k: float(np.mean([m[k] for _, m in history])) for k in keys}

@@ -1,0 +1,172 @@
+"""End to end: the tiny tokenizer run trains, logs, checkpoints, survives a kill and resumes to
+exactly the parameters of an uninterrupted run; NaNs and config mistakes stop it clearly."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import vq_b16
+from core import checkpoint, loop
+from jobs import train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small and fast; a constant learning rate makes the trajectory independent of num_steps, so a
+# run started with a longer horizon and killed can be compared with a short uninterrupted one.
+OVERRIDES = {
+    "num_steps": 12,
+    "data.global_batch_size": 16,
+    "eval.batch_size": 16,
+    "eval.num_examples": 32,
+    "optimizer.schedule": "constant",
+    "optimizer.warmup_steps": 0,
+    "log_every": 2,
+    "checkpoint_every": 4,
+}
+
+
+def tiny_config(**extra):
+    config = vq_b16.get_config("tiny")
+    for key, value in {**OVERRIDES, **extra}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def final_params(workdir):
+    mngr = checkpoint.manager(workdir, keep=3)
+    step = mngr.latest_step()
+    restored = mngr.restore(step)
+    mngr.close()
+    return step, jax.tree.leaves(restored["state"]["params"])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    result = train_tokenizer.run(tiny_config(), workdir)
+    return workdir, result
+
+
+def test_tiny_run_trains_logs_and_evaluates(reference_run):
+    workdir, result = reference_run
+    assert result["step"] == 12
+    assert 5.0 < result["eval/psnr"] < 60.0 and 0.0 < result["eval/ssim"] <= 1.0
+    assert 0.0 < result["eval/codebook_usage"] <= 1.0
+    assert result["eval/num_examples"] == 32
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == [2, 4, 6, 8, 10, 12]
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+    assert {"steps_per_s", "quantizer/perplexity", "loss/commitment"} <= set(train_lines[0])
+    assert any("final/psnr" in x for x in lines)
+    assert glob.glob(os.path.join(workdir, "images", "reconstructions_*.png"))
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    steps = sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/[0-9]*"))
+    assert steps == [4, 8, 12]
+    saved_config = json.load(open(f"{workdir}/checkpoints/12/config/metadata"))
+    assert saved_config["num_steps"] == 12
+
+
+def _start_cli(workdir, **extra):
+    args = [sys.executable, "run.py", "--config=configs/vq_b16.py:tiny", f"--workdir={workdir}"]
+    args += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **extra}.items()]
+    return subprocess.Popen(
+        args, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=240):
+    path = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.time() + timeout
+    while not os.path.isdir(path):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read().decode()[-3000:])
+        time.sleep(0.01)
+
+
+def test_killed_run_resumes_to_identical_parameters(reference_run, tmp_path):
+    workdir = str(tmp_path)
+    proc = _start_cli(workdir, num_steps=100_000)  # would run for hours: it must be killed
+    _wait_for_checkpoint(proc, workdir, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    mngr = checkpoint.manager(workdir, keep=3)
+    killed_at = mngr.latest_step()
+    mngr.close()
+    assert killed_at is not None and 4 <= killed_at < 12
+
+    result = train_tokenizer.run(tiny_config(), workdir)
+    assert result["step"] == 12
+    step_a, params_a = final_params(reference_run[0])
+    step_b, params_b = final_params(workdir)
+    assert step_a == step_b == 12
+    for a, b in zip(params_a, params_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path)
+    proc = _start_cli(workdir, num_steps=100_000, checkpoint_every=100_000)
+    _wait_for_metrics(proc, workdir)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, output[-3000:]
+    assert '"stopped_early": true' in output
+    mngr = checkpoint.manager(workdir, keep=3)
+    assert mngr.latest_step() is not None and mngr.latest_step() >= 2
+    mngr.close()
+
+
+def _wait_for_metrics(proc, workdir, timeout=240):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read().decode()[-3000:])
+        time.sleep(0.05)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(log_every=1, checkpoint_every=1, **{"optimizer.lr": 1e38})
+    config.optimizer.grad_clip_norm = 0.0
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step (\d+).*Last good checkpoint"):
+        train_tokenizer.run(config, str(tmp_path))
+    mngr = checkpoint.manager(str(tmp_path), keep=3)
+    last = mngr.latest_step()
+    mngr.close()
+    assert last is not None
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert all(np.isfinite(x["loss"]) for x in lines)  # nothing non-finite was logged or saved
+    assert max(x["step"] for x in lines) == last
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--config=configs/vq_b16.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.optimizer.lrr=0.1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr + proc.stdout

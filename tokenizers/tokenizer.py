@@ -1,0 +1,78 @@
+"""Encoder -> quantizer -> decoder, and the registries that pick each part by name."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from models.vit import ViTDecoder, ViTEncoder
+from tokenizers.base import QuantizerOutput
+from tokenizers.vq import VectorQuantizer
+
+# Architecture name -> (encoder class, decoder class); both take the same keyword arguments
+# apart from the latent size (encoder: out_dim, decoder: in_dim).
+ARCHITECTURES = {"vit": (ViTEncoder, ViTDecoder)}
+QUANTIZERS = {"vq": VectorQuantizer}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _lookup(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise ValueError(f"{what} {name!r} is unknown; choose one of {sorted(registry)}")
+    return registry[name]
+
+
+class Tokenizer(nnx.Module):
+    """Images [B, H, W, 3] in [-1, 1] <-> code indices [B, h, w]."""
+
+    def __init__(self, *, encoder: nnx.Module, quantizer: nnx.Module, decoder: nnx.Module):
+        self.encoder = encoder
+        self.quantizer = quantizer
+        self.decoder = decoder
+
+    @property
+    def vocab(self):
+        return self.quantizer.vocab
+
+    def __call__(self, images, *, train: bool = False) -> tuple[jnp.ndarray, QuantizerOutput]:
+        latents = self.encoder(images)
+        quantized = self.quantizer(latents.astype(jnp.float32), train=train)
+        return self.decoder(quantized.quantized), quantized
+
+    def encode(self, images) -> jnp.ndarray:
+        return self.quantizer(self.encoder(images).astype(jnp.float32)).indices
+
+    def decode(self, indices) -> jnp.ndarray:
+        return self.decoder(self.quantizer.embed(indices))
+
+
+def build_tokenizer(
+    *,
+    architecture: str,
+    image_size: int,
+    latent_dim: int,
+    encoder: dict,
+    decoder: dict,
+    quantizer: dict,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Tokenizer:
+    """Builds a tokenizer from plain keyword dicts (the job unpacks the config into these).
+
+    quantizer: {'name': 'vq', **constructor kwargs of that quantizer}.
+    """
+    encoder_cls, decoder_cls = _lookup(ARCHITECTURES, architecture, "model.architecture")
+    quantizer = dict(quantizer)
+    quantizer_cls = _lookup(QUANTIZERS, quantizer.pop("name"), "quantizer.name")
+    compute_dtype = _lookup(DTYPES, dtype, "model.dtype")
+    rngs = nnx.Rngs(params=seed)
+    return Tokenizer(
+        encoder=encoder_cls(
+            image_size=image_size, out_dim=latent_dim, dtype=compute_dtype, rngs=rngs, **encoder
+        ),
+        quantizer=quantizer_cls(latent_dim, rngs=rngs, seed=seed, **quantizer),
+        decoder=decoder_cls(
+            image_size=image_size, in_dim=latent_dim, dtype=compute_dtype, rngs=rngs, **decoder
+        ),
+    )
