@@ -86,3 +86,18 @@ def abstract_with_shardings(state, shardings):
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
+
+
+def load_raw(workdir: str, step: int | None = None):
+    """(step, state tree) from a workdir as saved, without a target model (inspection, tests)."""
+    mngr = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=("state", "config"),
+    )
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint under {workdir}/checkpoints")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    mngr.close()
+    return step, restored.state

@@ -261,8 +261,9 @@ def _not_prepared(name: str, data_dir: str | None, searched: str) -> DataError:
         )
     return DataError(
         f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r} (searched "
-        f"{searched}); nothing is downloaded at run time. {how}, then pass "
-        f"--config.data.data_dir=DIR. {_ARRAY_RECORD}"
+        f"{searched}); nothing is downloaded at run time. {how} (or in Python: "
+        f"tfds.builder('{base}', data_dir=DIR, file_format='array_record')"
+        f".download_and_prepare()), then pass --config.data.data_dir=DIR. {_ARRAY_RECORD}"
     )
 
 
@@ -416,7 +417,7 @@ class BatchIterator:
         self._stream, self._perms = None, {}
         self.num_batches = None if train else self._eval_batches()
         self._pending = collections.deque()
-        threads = num_threads or min(32, os.cpu_count() or 1)
+        self._threads = threads = num_threads or min(32, os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="data")
         log.info(
             "data: %s, %d examples, %d classes, %s, global batch %d (local %d, process %d/%d), "
@@ -453,7 +454,7 @@ class BatchIterator:
             self._finish()
             raise StopIteration
         self._fill()
-        results = [future.result() for future in self._pending.popleft()]
+        results = [r for future in self._pending.popleft() for r in future.result()]
         self.step += 1
         self._fill()
         return self._collate(results)
@@ -464,7 +465,10 @@ class BatchIterator:
             self.num_batches is None or self._planned < self.num_batches
         ):
             jobs = self._stream_jobs() if self._streaming else self._random_jobs(self._planned)
-            self._pending.append([self._pool.submit(job) for job in jobs])
+            # A few chunks per thread: one future per image costs more than a 32x32 render.
+            k = max(1, len(jobs) // (4 * self._threads))
+            chunks = [jobs[i : i + k] for i in range(0, len(jobs), k)]
+            self._pending.append([self._pool.submit(_run_all, chunk) for chunk in chunks])
             self._planned += 1
 
     def _random_jobs(self, step: int) -> list:
@@ -575,6 +579,10 @@ class BatchIterator:
 
     def __del__(self):
         self.close()
+
+
+def _run_all(jobs: list) -> list:
+    return [job() for job in jobs]
 
 
 def batches(

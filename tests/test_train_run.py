@@ -45,11 +45,8 @@ def tiny_config(**extra):
 
 
 def final_params(workdir):
-    mngr = checkpoint.manager(workdir, keep=3)
-    step = mngr.latest_step()
-    restored = mngr.restore(step)
-    mngr.close()
-    return step, jax.tree.leaves(restored["state"]["params"])
+    step, state = checkpoint.load_raw(workdir)
+    return step, jax.tree.leaves(state["params"])
 
 
 @pytest.fixture(scope="module")
