@@ -18,7 +18,7 @@ def tokenizer_base() -> ConfigDict:
                 train_split="train",
                 eval="tfds:imagenet2012",
                 eval_split="validation",
-                data_dir=None,  # TFDS data_dir holding the prepared imagenet2012
+                data_dir="",  # TFDS data_dir holding the prepared imagenet2012 ("": default)
                 image_size=256,
                 global_batch_size=128,  # LlamaGen VQ tokenizer
             ),
@@ -51,7 +51,7 @@ def vq_quantizer(**overrides) -> ConfigDict:
     quantizer = dict(
         name="vq",
         codebook_size=16384,
-        code_dim=None,
+        code_dim=0,  # 0: search in the latent space itself, no projections
         l2_normalize=False,
         beta=0.25,  # commitment weight (VQ-VAE, LlamaGen, MaskGIT)
         codebook_weight=1.0,

@@ -27,7 +27,19 @@ def manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.Checkpoi
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+
+
+def _handlers():
+    return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+
+
+def _read_only(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers=_handlers(),
+    )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, config_dict: dict, *, force=False):
@@ -56,11 +68,7 @@ def restore(mngr_or_dir, abstract_state, step: int | None = None):
         path = mngr_or_dir
         if os.path.isdir(os.path.join(path, "checkpoints")):
             path = os.path.join(path, "checkpoints")
-        mngr = ocp.CheckpointManager(
-            os.path.abspath(path),
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_names=("state", "config"),
-        )
+        mngr = _read_only(path)
     step = mngr.latest_step() if step is None else step
     if step is None:
         return None
@@ -90,14 +98,18 @@ def abstract_with_shardings(state, shardings):
 
 def load_raw(workdir: str, step: int | None = None):
     """(step, state tree) from a workdir as saved, without a target model (inspection, tests)."""
-    mngr = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=("state", "config"),
-    )
+    mngr = _read_only(os.path.join(workdir, "checkpoints"))
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint under {workdir}/checkpoints")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto this process's first device, whatever mesh or host count wrote it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = mngr.item_metadata(step).state
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+    )
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
     mngr.close()
     return step, restored.state

@@ -69,6 +69,9 @@ def initialize_distributed(
     explicit = coordinator_address is not None
     if not explicit and not _env_says_multiprocess():
         return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU-only processes (tests, laptops) need a collectives backend to talk to each other.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if explicit:
         kwargs = dict(

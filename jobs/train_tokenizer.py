@@ -100,7 +100,7 @@ def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, codebo
         global_batch_size=config.eval.batch_size,
         train=False,
         seed=config.seed,
-        data_dir=config.data.data_dir,
+        data_dir=config.data.data_dir or None,
     )
     seen = 0
     for host_batch in batches:
@@ -175,7 +175,7 @@ def run(config, workdir: str) -> dict:
             global_batch_size=config.data.global_batch_size,
             train=True,
             seed=config.seed,
-            data_dir=config.data.data_dir,
+            data_dir=config.data.data_dir or None,
             start_step=int(state.step),
         )
         writer = loop.MetricWriter(workdir)
