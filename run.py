@@ -22,7 +22,9 @@ JOBS = {
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/vq_b16.py or configs/vq_b16.py:tiny.",
+    "config",
+    None,
+    "Experiment config file, e.g. configs/vq_b16.py or configs/vq_b16.py:tiny.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")

@@ -28,7 +28,10 @@ def get_config(arg=None):
         vit = dict(patch_size=4, width=64, depth=2, heads=4, mlp_dim=128)
         config.model.encoder.update(vit)
         config.model.decoder.update(vit)
-        config.quantizer.update(codebook_size=256, code_dim=8)
+        # k-means init and dead-code restarts keep a small codebook in use from the start.
+        config.quantizer.update(
+            codebook_size=256, code_dim=8, kmeans_init=True, restart_dead_codes=True
+        )
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/vq_b16.py; use '' or 'tiny'")
     return config

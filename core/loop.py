@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from core import checkpoint, mesh as mesh_lib
+from core import checkpoint
+from core import mesh as mesh_lib
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -19,7 +19,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from core import checkpoint, mesh as mesh_lib
+from core import checkpoint
+from core import mesh as mesh_lib
 
 
 @struct.dataclass

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from core import checkpoint, data, loop, mesh as mesh_lib, metrics, optim
+from core import checkpoint, data, loop, metrics, optim
+from core import mesh as mesh_lib
 from core import train_state as ts
 from core.images import save_grid, to_model
 from tokenizers import losses
@@ -121,7 +122,10 @@ def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, codebo
         seen += int(mask.sum())
     if seen == 0:
         raise data.DataError(f"evaluation split {config.data.eval_split!r} gave no images")
-    result = {"psnr": float(np.concatenate(psnrs).mean()), "ssim": float(np.concatenate(ssims).mean())}
+    result = {
+        "psnr": float(np.concatenate(psnrs).mean()),
+        "ssim": float(np.concatenate(ssims).mean()),
+    }
     result.update(stats.result())
     result["num_examples"] = seen
     logging.info(
@@ -165,7 +169,12 @@ def run(config, workdir: str) -> dict:
         )
         codebook_size = nnx_vocab_size(model_fn)
         eval_fn = functools.partial(
-            evaluate, config, model_def, eval_step=eval_step, mesh=mesh, workdir=workdir,
+            evaluate,
+            config,
+            model_def,
+            eval_step=eval_step,
+            mesh=mesh,
+            workdir=workdir,
             codebook_size=codebook_size,
         )
         batches = data.batches(
@@ -218,6 +227,5 @@ def _check_batch(config, mesh):
     ):
         if size % parallel:
             raise ValueError(
-                f"config.{name}={size} must be a multiple of the data x fsdp mesh size "
-                f"{parallel}"
+                f"config.{name}={size} must be a multiple of the data x fsdp mesh size {parallel}"
             )

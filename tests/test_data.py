@@ -1,4 +1,4 @@
-"""Tests for core/data.py and core/builtin_data.py: order, resume, sharding, sources, TFDS."""
+"""Tests for core/data.py, data_tfds.py and builtin_data.py: order, resume, sharding, sources."""
 
 import logging
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import builtin_data, data
+from core import builtin_data, data, data_tfds
 
 
 class IndexSource:
@@ -275,18 +275,18 @@ def test_photos_hold_out_test_photos_and_load_offline():
 
 @pytest.fixture(scope="module")
 def tfds():
-    return data._import_tfds()[1]
+    return data_tfds._import_tfds()[1]
 
 
 @pytest.fixture(scope="module")
 def tf():
-    return data._import_tfds()[0]
+    return data_tfds._import_tfds()[0]
 
 
 def test_tfds_random_access_with_mock_data(tfds, tf):
     with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
         source = data.make_source("tfds:imagenet2012", "validation", image_size=16)
-        assert isinstance(source, data.TfdsSource) and len(source) == 10
+        assert isinstance(source, data_tfds.TfdsSource) and len(source) == 10
         assert source.num_classes == 1000
         skip = {"image": tfds.decode.SkipDecoding()}
         reference = tfds.data_source("imagenet2012", split="validation", decoders=skip)
@@ -315,7 +315,7 @@ def test_tfds_streaming_with_mock_data(tfds):
         mock.patch.object(tfds.core.DatasetBuilder, "as_data_source", no_random_access),
     ):
         source = data.make_source("tfds:mnist", "test", image_size=8)
-        assert isinstance(source, data.TfdsStream) and len(source) == 9
+        assert isinstance(source, data_tfds.TfdsStream) and len(source) == 9
         kw = {"split": "test", "image_size": 8, "global_batch_size": 4, "seed": 1}
         batches = list(data.batches("tfds:mnist", train=False, **kw))
         assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 9
