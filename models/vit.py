@@ -176,7 +176,5 @@ class ViTDecoder(nnx.Module):
         x = einops.rearrange(latents.astype(self.dtype), "b h w c -> b (h w) c")
         x = self.to_pixels(self.transformer(self.stem(x)))
         p = self.patch_size
-        images = einops.rearrange(
-            x, "b (h w) (p q c) -> b (h p) (w q) c", h=self.grid, p=p, q=p
-        )
+        images = einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=self.grid, p=p, q=p)
         return images.astype(jnp.float32)
