@@ -111,3 +111,19 @@ def load_raw(workdir: str, step: int | None = None):
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     mngr.close()
     return step, restored.state
+
+
+def read_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, config dict) saved with a checkpoint of `workdir` (default: the latest)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise CheckpointError(
+            f"{workdir} holds no checkpoints/ folder; pass the workdir of a training run"
+        )
+    mngr = _read_only(directory)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint under {directory}; train first or fix the path")
+    restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    mngr.close()
+    return step, restored.config

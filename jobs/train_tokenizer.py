@@ -7,13 +7,16 @@ usage, plus a PNG grid of originals over reconstructions under WORKDIR/images.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from core import checkpoint, data, loop, metrics, optim
@@ -214,8 +217,6 @@ def run(config, workdir: str) -> dict:
 
 
 def nnx_vocab_size(model_fn) -> int:
-    from flax import nnx
-
     return nnx.eval_shape(model_fn).vocab.size
 
 
@@ -229,3 +230,37 @@ def _check_batch(config, mesh):
             raise ValueError(
                 f"config.{name}={size} must be a multiple of the data x fsdp mesh size {parallel}"
             )
+
+
+@dataclasses.dataclass
+class TrainedTokenizer:
+    """A tokenizer restored from a training workdir, placed on a mesh.
+
+    `model()` merges it into an nnx module (for eager use); jitted code should take `params` and
+    `model_state` as arguments with `shardings` and call `model_def.merge` inside.
+    """
+
+    config: ml_collections.ConfigDict
+    step: int
+    model_def: ts.ModelDef
+    params: dict
+    model_state: dict
+    shardings: ts.TrainState
+
+    def model(self):
+        return self.model_def.merge(self.params, self.model_state)
+
+
+def load_tokenizer(workdir: str, mesh=None, step: int | None = None) -> TrainedTokenizer:
+    """Restores the tokenizer of a training run (its saved config rebuilds the model)."""
+    step, saved = checkpoint.read_config(workdir, step)
+    config = ml_collections.ConfigDict(saved)
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    model_fn = model_fn_from_config(config)
+    model_def, abstract, shardings = ts.state_shardings(
+        model_fn, optimizer_from_config(config), mesh, rules
+    )
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+    state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), target, step=step)
+    return TrainedTokenizer(config, step, model_def, state.params, state.model_state, shardings)

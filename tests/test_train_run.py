@@ -204,3 +204,21 @@ def test_two_processes_train_like_one(reference_run, tmp_path):
     # while a wrong data split moves parameters by ~lr * steps = 1e-2.
     for a, b in zip(params_a, params_b, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-4)
+
+
+def test_load_tokenizer_restores_the_trained_model(reference_run):
+    from jobs.train_tokenizer import load_tokenizer
+
+    workdir = reference_run[0]
+    loaded = load_tokenizer(workdir)
+    assert loaded.step == 12 and loaded.config.num_steps == 12
+    _, saved = final_params(workdir)
+    for a, b in zip(jax.tree.leaves(loaded.params), saved, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    model = loaded.model()
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    indices = model.encode(images)
+    assert indices.shape == (2, 8, 8) and int(indices.max()) < model.vocab.size
+    reconstruction, quantized = model(images)
+    np.testing.assert_array_equal(indices, quantized.indices)
+    np.testing.assert_allclose(model.decode(indices), reconstruction, atol=1e-5)
