@@ -19,6 +19,9 @@ from ml_collections import config_flags  # noqa: E402
 # config.job -> module under jobs/ exposing run(config, workdir) -> dict.
 JOBS = {
     "train_tokenizer": "jobs.train_tokenizer",
+    "train_classifier": "jobs.train_classifier",
+    "evaluate": "jobs.evaluate",
+    "export_tokens": "jobs.export_tokens",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
