@@ -1,12 +1,15 @@
-"""Every config imports, its tiny variant builds, and config mistakes give clear errors."""
+"""Every config imports, its tiny variant builds what its job builds, and config mistakes give
+clear errors."""
 
 import glob
 import importlib
 import os
 
+import jax
 import pytest
 from flax import nnx
 
+import run
 from jobs import train_tokenizer
 
 CONFIG_FILES = sorted(
@@ -16,6 +19,31 @@ CONFIG_FILES = sorted(
 )
 
 
+def _check_tokenizer_config(full, tiny):
+    assert tiny.data.image_size <= 64 and tiny.data.train.startswith("builtin:")
+    model = train_tokenizer.model_fn_from_config(tiny)()
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
+    # The full model is only traced abstractly: no memory is allocated.
+    abstract = nnx.eval_shape(train_tokenizer.model_fn_from_config(full))
+    assert abstract.vocab.size > 0
+
+
+def _check_export_config(full, tiny):
+    from jobs import export_tokens
+
+    assert tiny.data.source.startswith("builtin:")
+    export_tokens.validate_config(tiny)
+    export_tokens.validate_config(full, require_tokenizer=False)
+
+
+# config.job -> what its tiny variant must pass. Jobs without an entry are still imported,
+# dispatched by run.py and given an unknown variant below.
+JOB_CHECKS = {
+    "train_tokenizer": _check_tokenizer_config,
+    "export_tokens": _check_export_config,
+}
+
+
 def test_there_are_configs():
     assert "vq_b16" in CONFIG_FILES
 
@@ -23,19 +51,17 @@ def test_there_are_configs():
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_full_and_tiny_build(name):
     module = importlib.import_module(f"configs.{name}")
-    full = module.get_config()
-    tiny = module.get_config("tiny")
-    assert tiny.data.image_size <= 64 and tiny.data.train.startswith("builtin:")
-    model = train_tokenizer.model_fn_from_config(tiny)()
-    params = nnx.state(model, nnx.Param)
-    assert sum(x.size for x in __import__("jax").tree.leaves(params)) > 0
-    # The full model is only traced abstractly: no memory is allocated.
-    abstract = nnx.eval_shape(train_tokenizer.model_fn_from_config(full))
-    assert abstract.vocab.size == full.quantizer.codebook_size
+    full, tiny = module.get_config(), module.get_config("tiny")
+    assert full.job == tiny.job and full.job in run.JOBS
+    assert importlib.import_module(run.JOBS[full.job]).run
+    check = JOB_CHECKS.get(full.job)
+    if check is not None:
+        check(full, tiny)
 
 
-def test_unknown_variant_is_an_error():
-    module = importlib.import_module("configs.vq_b16")
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_unknown_variant_is_an_error(name):
+    module = importlib.import_module(f"configs.{name}")
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("huge")
 
@@ -47,5 +73,6 @@ def test_vq_b16_matches_the_published_recipe():
     assert config.quantizer.code_dim == 8 and config.quantizer.l2_normalize
     assert (config.model.encoder.width, config.model.encoder.depth) == (768, 12)
     abstract = nnx.eval_shape(train_tokenizer.model_fn_from_config(config))
-    count = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(abstract.encoder)))
+    assert abstract.vocab.size == 16384
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract.encoder)))
     assert 85e6 < count < 87e6  # ViT-B/16 backbone: ~86M parameters
