@@ -222,3 +222,19 @@ def test_load_tokenizer_restores_the_trained_model(reference_run):
     reconstruction, quantized = model(images)
     np.testing.assert_array_equal(indices, quantized.indices)
     np.testing.assert_allclose(model.decode(indices), reconstruction, atol=1e-5)
+
+
+def test_checkpoint_restores_onto_another_mesh(reference_run):
+    """Written by a data-parallel run, read back FSDP-sharded on a (4, 2) mesh."""
+    from jax.sharding import PartitionSpec as P
+
+    from core import mesh as mesh_lib
+    from jobs.train_tokenizer import load_tokenizer
+
+    mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "model": 1})
+    loaded = load_tokenizer(reference_run[0], mesh=mesh)
+    kernel = loaded.params["encoder"]["transformer"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding.mesh.shape == mesh.shape and kernel.sharding.spec == P("fsdp", None)
+    _, saved = final_params(reference_run[0])
+    for a, b in zip(jax.tree.leaves(loaded.params), saved, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
