@@ -22,7 +22,15 @@ def tokenizer_base() -> ConfigDict:
                 image_size=256,
                 global_batch_size=128,  # LlamaGen VQ tokenizer
             ),
-            eval=dict(batch_size=64, num_examples=10_000),
+            eval=dict(
+                batch_size=64,
+                num_examples=10_000,
+                # rFID during training (jobs/evaluate.py): at evals whose step is a multiple of
+                # fid_every, and at the end; 0 = off. Needs the FID Inception weights.
+                fid_every=0,
+                fid_num_examples=10_000,
+                fid_inception_weights="",  # '' = $TOKENIZERS_CACHE (see core/weights.py)
+            ),
             loss=dict(l2_weight=1.0, l1_weight=0.0),
             # LlamaGen VQ tokenizer: Adam(0.9, 0.95), lr 1e-4, weight decay 0.05, constant lr.
             optimizer=dict(
@@ -83,5 +91,28 @@ def shrink_to_tiny(config: ConfigDict) -> None:
         global_batch_size=32,
     )
     config.eval.update(batch_size=64, num_examples=512)
-    config.optimizer.update(lr=1e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0)
+    config.optimizer.update(lr=2e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0)
     config.update(log_every=50, checkpoint_every=200, eval_every=0)
+
+
+def binary_quantizer(name: str = "lfq", bits: int = 18, **overrides) -> ConfigDict:
+    """LookupFreeQuantizer / BinarySphericalQuantizer kwargs (tokenizers/binary.py).
+
+    name: 'lfq' or 'bsq'. codebook_size is 2**bits, kept beside `bits` so that every config
+    states its vocabulary size; override the two together (the quantizer checks they agree).
+    """
+    quantizer = dict(
+        name=name,
+        bits=bits,
+        codebook_size=2**bits,
+        commitment_weight=0.25,  # MAGVIT-v2 / Open-MAGVIT2 (VQ-VAE style commitment)
+        entropy_weight=0.1,  # MAGVIT-v2; BSQ-ViT's codebook-entropy weight is also 0.1
+        diversity_gamma=1.0,  # vector-quantize-pytorch default
+        inverse_temperature=100.0,  # tau = 0.01 (Open-MAGVIT2)
+        entropy_group_bits=9,  # codebook entropy over 2 groups of 9 bits for d = 18
+        index_group_bits=0,  # 0: one int32 index for d <= 31, groups of <= 31 bits above
+        usage_window=100,  # train calls in the 'window_distinct' / 'usage' statistics
+        window_table_bits=20,  # usage table of 2**20 entries; hashed (estimate) above d = 20
+    )
+    quantizer.update(overrides)
+    return ConfigDict(quantizer, type_safe=False)

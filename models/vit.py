@@ -1,8 +1,17 @@
-"""Vision Transformer encoder and decoder on 2-D patch grids (ViT-VQGAN / LlamaGen style).
+"""Vision Transformer encoder and decoder on 2-D patch grids (ViT-VQGAN / LlamaGen style) or
+1-D latent sequences (TiTok / Instella-T2I style).
 
-The encoder turns [B, H, W, 3] images into a [B, H/p, W/p, out_dim] latent grid; the decoder maps
-such a grid back to pixels through a linear patch head. Parameters are float32 and carry logical
-axis names for sharding; activations use `dtype` (bfloat16 on accelerators).
+2-D (num_latents = 0): the encoder turns [B, H, W, 3] images into a [B, H/p, W/p, out_dim]
+latent grid; the decoder maps such a grid back to pixels through a linear patch head.
+
+1-D (num_latents = L > 0): L learnable latent queries are appended to the patch tokens and
+encoded together with them; only the latents leave the encoder, [B, L, out_dim], so only they
+are quantized. The decoder appends the L (quantized) latents to H/p x W/p copies of one learned
+mask token, and the mask-token outputs become the patches. One learned position embedding covers
+patches and latents.
+
+Parameters are float32 and carry logical axis names for sharding; activations use `dtype`
+(bfloat16 on accelerators).
 """
 
 from __future__ import annotations
@@ -98,8 +107,20 @@ class Transformer(nnx.Module):
         return self.norm(x)
 
 
+def _check_sizes(image_size: int, patch_size: int, num_latents: int):
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
+    if num_latents < 0:
+        raise ValueError(f"num_latents={num_latents} must be >= 0 (0: 2-D latent grid)")
+
+
+def _token_param(shape, *, rngs: nnx.Rngs) -> nnx.Param:
+    """A learned [1, n, width] token block (latent queries, mask token), sharded over width."""
+    return nnx.Param(_pos_init(rngs.params(), shape), out_sharding=(None, None, "embed"))
+
+
 class ViTEncoder(nnx.Module):
-    """Images [B, H, W, C] -> latent grid [B, H/p, W/p, out_dim]."""
+    """Images [B, H, W, C] -> latent grid [B, H/p, W/p, out_dim], or [B, L, out_dim] latents."""
 
     def __init__(
         self,
@@ -112,12 +133,13 @@ class ViTEncoder(nnx.Module):
         mlp_dim: int,
         out_dim: int,
         in_channels: int = 3,
+        num_latents: int = 0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
+        _check_sizes(image_size, patch_size, num_latents)
         self.grid = image_size // patch_size
+        self.num_latents = num_latents
         self.dtype = dtype
         self.patch_embed = nnx.Conv(
             in_channels,
@@ -131,19 +153,27 @@ class ViTEncoder(nnx.Module):
             rngs=rngs,
         )
         self.transformer = Transformer(
-            self.grid**2, width, depth, heads, mlp_dim, dtype=dtype, rngs=rngs
+            self.grid**2 + num_latents, width, depth, heads, mlp_dim, dtype=dtype, rngs=rngs
         )
         self.head = _dense(width, out_dim, ("embed", None), dtype=dtype, rngs=rngs)
+        # Created last so that the 2-D path draws the same initial values as before.
+        self.latent_queries = (
+            _token_param((1, num_latents, width), rngs=rngs) if num_latents else None
+        )
 
     def __call__(self, images):
         x = self.patch_embed(images.astype(self.dtype))
         x = einops.rearrange(x, "b h w c -> b (h w) c")
-        x = self.head(self.transformer(x))
-        return einops.rearrange(x, "b (h w) c -> b h w c", h=self.grid)
+        if not self.num_latents:
+            x = self.head(self.transformer(x))
+            return einops.rearrange(x, "b (h w) c -> b h w c", h=self.grid)
+        queries = self.latent_queries[...].astype(self.dtype)
+        x = jnp.concatenate([x, jnp.broadcast_to(queries, (x.shape[0], *queries.shape[1:]))], 1)
+        return self.head(self.transformer(x)[:, -self.num_latents :])
 
 
 class ViTDecoder(nnx.Module):
-    """Latent grid [B, h, w, in_dim] -> images [B, h*p, w*p, C] through a linear patch head."""
+    """Latent grid [B, h, w, in_dim] (or latents [B, L, in_dim]) -> images [B, h*p, w*p, C]."""
 
     def __init__(
         self,
@@ -156,25 +186,44 @@ class ViTDecoder(nnx.Module):
         mlp_dim: int,
         in_dim: int,
         out_channels: int = 3,
+        num_latents: int = 0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
+        _check_sizes(image_size, patch_size, num_latents)
         self.grid = image_size // patch_size
         self.patch_size = patch_size
+        self.num_latents = num_latents
         self.dtype = dtype
         self.stem = _dense(in_dim, width, (None, "embed"), dtype=dtype, rngs=rngs)
         self.transformer = Transformer(
-            self.grid**2, width, depth, heads, mlp_dim, dtype=dtype, rngs=rngs
+            self.grid**2 + num_latents, width, depth, heads, mlp_dim, dtype=dtype, rngs=rngs
         )
         self.to_pixels = _dense(
             width, patch_size * patch_size * out_channels, ("embed", None), dtype=dtype, rngs=rngs
         )
+        self.mask_token = _token_param((1, 1, width), rngs=rngs) if num_latents else None
 
     def __call__(self, latents):
-        x = einops.rearrange(latents.astype(self.dtype), "b h w c -> b (h w) c")
-        x = self.to_pixels(self.transformer(self.stem(x)))
+        if self.num_latents:
+            x = self._from_latents(latents)
+        else:
+            x = einops.rearrange(latents.astype(self.dtype), "b h w c -> b (h w) c")
+            x = self.transformer(self.stem(x))
+        x = self.to_pixels(x)
         p = self.patch_size
         images = einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=self.grid, p=p, q=p)
         return images.astype(jnp.float32)
+
+    def _from_latents(self, latents):
+        """[B, L, in_dim] latents -> [B, grid**2, width] outputs at the mask-token positions."""
+        if latents.ndim != 3 or latents.shape[1] != self.num_latents:
+            raise ValueError(
+                f"1-D decoder expects latents [B, {self.num_latents}, C]; got {latents.shape}"
+            )
+        x = self.stem(latents.astype(self.dtype))
+        n = self.grid**2
+        masks = jnp.broadcast_to(
+            self.mask_token[...].astype(self.dtype), (x.shape[0], n, x.shape[2])
+        )
+        return self.transformer(jnp.concatenate([masks, x], 1))[:, :n]

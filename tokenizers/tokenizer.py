@@ -7,12 +7,15 @@ from flax import nnx
 
 from models.vit import ViTDecoder, ViTEncoder
 from tokenizers.base import QuantizerOutput
+from tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
 from tokenizers.vq import VectorQuantizer
 
 # Architecture name -> (encoder class, decoder class); both take the same keyword arguments
 # apart from the latent size (encoder: out_dim, decoder: in_dim).
-ARCHITECTURES = {"vit": (ViTEncoder, ViTDecoder)}
-QUANTIZERS = {"vq": VectorQuantizer}
+ARCHITECTURES = {
+    "vit": (ViTEncoder, ViTDecoder),
+}
+QUANTIZERS = {"vq": VectorQuantizer, "lfq": LookupFreeQuantizer, "bsq": BinarySphericalQuantizer}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -24,7 +27,12 @@ def _lookup(registry: dict, name: str, what: str):
 
 
 class Tokenizer(nnx.Module):
-    """Images [B, H, W, 3] in [-1, 1] <-> code indices [B, h, w]."""
+    """Images [B, H, W, 3] in [-1, 1] <-> code indices.
+
+    Indices are [B, h, w] for a latent grid or [B, L] for 1-D latents (encoder and decoder built
+    with num_latents = L), with a trailing group axis [..., G] for binary codes of more than 31
+    bits (see `vocab` and tokenizers/binary.py).
+    """
 
     def __init__(self, *, encoder: nnx.Module, quantizer: nnx.Module, decoder: nnx.Module):
         self.encoder = encoder
@@ -60,9 +68,16 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Builds a tokenizer from plain keyword dicts (the job unpacks the config into these).
 
-    quantizer: {'name': 'vq', **constructor kwargs of that quantizer}.
+    quantizer: {'name': 'vq' | 'lfq' | 'bsq', **constructor kwargs of that quantizer}.
+    encoder / decoder: constructor kwargs; `num_latents` = L > 0 in both gives 1-D latents.
     """
     encoder_cls, decoder_cls = _lookup(ARCHITECTURES, architecture, "model.architecture")
+    latents = (encoder.get("num_latents", 0), decoder.get("num_latents", 0))
+    if latents[0] != latents[1]:
+        raise ValueError(
+            f"model.encoder.num_latents={latents[0]} and model.decoder.num_latents={latents[1]} "
+            "differ; set both to the number of 1-D latent tokens (or both to 0 for a 2-D grid)"
+        )
     quantizer = dict(quantizer)
     quantizer_cls = _lookup(QUANTIZERS, quantizer.pop("name"), "quantizer.name")
     compute_dtype = _lookup(DTYPES, dtype, "model.dtype")
