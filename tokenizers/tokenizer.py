@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from models.conv import ConvDecoder, ConvEncoder
 from models.vit import ViTDecoder, ViTEncoder
 from tokenizers.base import QuantizerOutput
 from tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
@@ -14,6 +15,7 @@ from tokenizers.vq import VectorQuantizer
 # apart from the latent size (encoder: out_dim, decoder: in_dim).
 ARCHITECTURES = {
     "vit": (ViTEncoder, ViTDecoder),
+    "conv": (ConvEncoder, ConvDecoder),
 }
 QUANTIZERS = {"vq": VectorQuantizer, "lfq": LookupFreeQuantizer, "bsq": BinarySphericalQuantizer}
 
