@@ -1,10 +1,33 @@
-"""Image-quality and codebook metrics. FID/IS live beside these once the Inception net lands."""
+"""Image-quality and codebook metrics, computed the way the standard tools compute them.
+
+- PSNR/SSIM on uint8 images (dm-pix), codebook usage and perplexity.
+- Fréchet distance between Gaussians of features (pytorch-fid's `calculate_frechet_distance`:
+  float64, scipy sqrtm, eps on the diagonals when the product is singular, real part when the
+  imaginary residue is small). FID is this distance on FID-Inception pool3 features.
+- Inception Score over splits, and k-NN precision/recall, as in the ADM evaluator.
+- `ShardedApply`: a network applied jitted to batches sharded over the mesh's batch axes,
+  with host batches padded to a multiple of the batch parallelism.
+- Reference statistics as npz files (`mu`, `sigma`; ADM reference batches also hold `arr_0`),
+  cached per data source; ADM-format sample files streamed batch by batch.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import re
+import zipfile
+
 import dm_pix
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from scipy import linalg
+
+from core import mesh as mesh_lib
 
 
 def psnr_ssim(images_uint8, reconstructions_uint8):
@@ -31,3 +54,264 @@ class CodebookStats:
             "codebook_usage": float((self.counts > 0).mean()),
             "codebook_perplexity": float(np.exp(entropy)),
         }
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) in float64, covariance as np.cov(rowvar=False) (n - 1 normalised)."""
+    features = np.asarray(features, np.float64)
+    if len(features) < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), as pytorch-fid computes it."""
+    mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in shape: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # A singular product (e.g. fewer samples than dimensions): regularise both diagonals.
+        logging.warning("Fréchet distance: singular product, adding %g to the diagonals", eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(
+                f"Fréchet distance: sqrtm has an imaginary component of "
+                f"{np.max(np.abs(covmean.imag)):.3g}; the statistics are numerically unusable "
+                "(too few samples, or features that are not finite)"
+            )
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def frechet_distance_of(features_a, features_b) -> float:
+    return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
+
+
+# ----------------------------------------------------------------------------- IS, precision/recall
+
+
+def inception_score(logits, split_size: int = 5000) -> float:
+    """Mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))), softmax in float64 (ADM)."""
+    logits = np.asarray(logits, np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start : start + split_size]
+        marginal = part.mean(0, keepdims=True)
+        kl = np.sum(part * (np.log(part) - np.log(marginal)), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+@jax.jit
+def _squared_distances(a, b):
+    """Pairwise squared Euclidean distances, clamped at 0 (as the ADM/Kynkäänniemi code)."""
+    hi = jax.lax.Precision.HIGHEST
+    norms_a = jnp.sum(a * a, 1)[:, None]
+    norms_b = jnp.sum(b * b, 1)[None, :]
+    return jnp.maximum(norms_a - 2 * jnp.matmul(a, b.T, precision=hi) + norms_b, 0.0)
+
+
+def _blocks(a, b, rows: int):
+    b = jnp.asarray(b, jnp.float32)
+    for start in range(0, len(a), rows):
+        yield start, np.asarray(_squared_distances(jnp.asarray(a[start : start + rows]), b))
+
+
+def manifold_radii(features, k: int = 3, rows: int = 1024) -> np.ndarray:
+    """Squared distance of each feature to its k-th nearest other feature (self excluded)."""
+    features = np.asarray(features, np.float32)
+    if len(features) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples")
+    radii = np.empty(len(features), np.float32)
+    for start, d in _blocks(features, features, rows):
+        radii[start : start + len(d)] = np.partition(d, k, axis=1)[:, k]  # Index 0 is self.
+    return radii
+
+
+def _inside(points, centres, radii, rows: int) -> np.ndarray:
+    """Whether each point lies within some centre's radius."""
+    found = np.zeros(len(points), bool)
+    for start, d in _blocks(np.asarray(points, np.float32), centres, rows):
+        found[start : start + len(d)] = np.any(d <= radii[None, :], axis=1)
+    return found
+
+
+def precision_recall(reference, samples, k: int = 3, rows: int = 1024) -> tuple[float, float]:
+    """Improved precision/recall (Kynkäänniemi et al.) with k-NN balls, as ADM computes them.
+
+    Precision: fraction of samples inside the reference manifold; recall: fraction of the
+    reference inside the samples' manifold. Distances in float32 (ADM tries float16 first).
+    """
+    reference = np.asarray(reference, np.float32)
+    samples = np.asarray(samples, np.float32)
+    ref_radii, sample_radii = manifold_radii(reference, k, rows), manifold_radii(samples, k, rows)
+    precision = _inside(samples, reference, ref_radii, rows).mean()
+    recall = _inside(reference, samples, sample_radii, rows).mean()
+    return float(precision), float(recall)
+
+
+# ----------------------------------------------------------------------------- sharded networks
+
+
+class ShardedApply:
+    """`fn(module, *arrays)` jitted over the mesh: module replicated, arrays batch-sharded.
+
+    Call with this process's host batches (numpy; padded here to a multiple of the local share
+    of the batch parallelism) or with global jax arrays already sharded over ('data', 'fsdp').
+    Returns the global batch's outputs as numpy on every process, padding removed.
+    `prepare(*arrays) -> array` (e.g. a resize) runs as its own jit first, so a big network
+    compiles once however many input sizes it is fed.
+    """
+
+    def __init__(self, module: nnx.Module, fn, mesh, prepare=None):
+        self.mesh = mesh
+        graphdef, state = nnx.split(module)
+        self.state = jax.device_put(state, mesh_lib.replicated(mesh))
+        sharded = mesh_lib.batch_sharding(mesh, 1)
+        self._prepare = jax.jit(prepare, out_shardings=sharded) if prepare else None
+        self._jitted = jax.jit(
+            lambda state, *arrays: fn(nnx.merge(graphdef, state), *arrays),
+            out_shardings=sharded,
+        )
+
+    def _apply(self, *arrays):
+        if self._prepare is not None:
+            arrays = (self._prepare(*arrays),)
+        return self._jitted(self.state, *arrays)
+
+    def __call__(self, *arrays):
+        if isinstance(arrays[0], jax.Array):  # Global arrays, e.g. a jitted eval step's output.
+            out = self._apply(*arrays)
+            return jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
+        return self._host(*[np.asarray(a) for a in arrays])
+
+    def replicated(self, *arrays):
+        """For a full global batch that every process holds: each applies its own share."""
+        share = -(-len(arrays[0]) // jax.process_count())
+        start = jax.process_index() * share
+        return self._host(*[np.asarray(a)[start : start + share] for a in arrays])
+
+    def _host(self, *arrays):
+        n = len(arrays[0])
+        local_share = mesh_lib.batch_parallelism(self.mesh) // jax.process_count()
+        padded = -(-n // max(local_share, 1)) * max(local_share, 1)
+        if padded != n:
+            arrays = [np.concatenate([a, np.repeat(a[-1:], padded - n, 0)]) for a in arrays]
+        mask = np.arange(padded) < n
+        batch = mesh_lib.host_batch_to_global(
+            {str(i): a for i, a in enumerate(arrays)} | {"mask": mask}, self.mesh
+        )
+        out = self._apply(*[batch[str(i)] for i in range(len(arrays))])
+        out, mask = multihost_utils.process_allgather((out, batch["mask"]), tiled=True)
+        return jax.tree.map(lambda x: np.asarray(x)[np.asarray(mask)], out)
+
+
+# ----------------------------------------------------------------------------- reference files
+
+
+def save_stats(path: str, features=None, *, mu=None, sigma=None, **extra) -> str:
+    """Writes an npz with `mu`, `sigma` (from features if given) and any extra arrays."""
+    if features is not None:
+        mu, sigma = gaussian_stats(features)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=mu, sigma=sigma, **extra)
+    os.replace(tmp, path)  # Atomic: a crash never leaves a half-written cache entry.
+    return path
+
+
+def load_reference(path: str) -> dict:
+    """Statistics (`mu`, `sigma`, cached `pool` features) of a reference npz, and whether it
+    holds images (`arr_0`, as ADM reference batches do: stream them with NpzImages)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference file {path} does not exist")
+    with np.load(path) as f:
+        keys = sorted(f.files)
+        found = {k: f[k] for k in keys if k in ("mu", "sigma", "pool")}  # arr_0 stays on disk.
+    found["has_images"] = "arr_0" in keys
+    if not ("mu" in found and "sigma" in found) and not found["has_images"]:
+        raise ValueError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {keys}")
+    return found
+
+
+class NpzImages:
+    """Streams `arr_0` (uint8 NHWC) of an ADM-format npz batch by batch; `arr_1` labels if any.
+
+    50,000 samples at 256x256 are ~10 GB: reading the array whole is not an option.
+    """
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"sample file {path} does not exist")
+        self.path = path
+        with zipfile.ZipFile(path) as archive:
+            if "arr_0.npy" not in archive.namelist():
+                raise ValueError(f"{path}: no arr_0; ADM format is np.savez(path, images, labels)")
+            with archive.open("arr_0.npy") as f:
+                shape, dtype, _ = _npy_header(f)
+            self.labels = None
+            if "arr_1.npy" in archive.namelist():
+                with archive.open("arr_1.npy") as f:
+                    self.labels = np.load(f)
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+            raise ValueError(
+                f"{path}: arr_0 is {dtype} {shape}; store samples losslessly as uint8 NHWC RGB "
+                "(clamp and round before saving)"
+            )
+        self.num_images, self.image_size = shape[0], shape[1]
+        self._frame_bytes = int(np.prod(shape[1:]))
+        self._shape = shape[1:]
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-self.num_images // batch_size)
+
+    def batches(self, batch_size: int):
+        """Yields (images padded to batch_size by repeating the last one, number valid)."""
+        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
+            _npy_header(f)
+            for start in range(0, self.num_images, batch_size):
+                count = min(batch_size, self.num_images - start)
+                raw = f.read(count * self._frame_bytes)
+                images = np.frombuffer(raw, np.uint8).reshape(count, *self._shape)
+                yield pad_batch(images, batch_size), count
+
+
+def _npy_header(f) -> tuple:
+    version = np.lib.format.read_magic(f)
+    read = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    if version not in read:
+        raise ValueError(f"unsupported .npy version {version} inside the npz")
+    shape, fortran, dtype = read[version](f)
+    if fortran:
+        raise ValueError("Fortran-ordered arr_0 is not supported; save a C-ordered array")
+    return shape, dtype, version
+
+
+def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """Pads a short final batch to `size` rows by repeating its last row (masked out later)."""
+    if len(images) == size:
+        return images
+    return np.concatenate([images, np.repeat(images[-1:], size - len(images), 0)])
+
+
+def stats_cache_path(spec: str, split: str, image_size: int, num: int, weights_sha: str) -> str:
+    """Where a data source's Inception statistics are cached (keyed by the weights used too)."""
+    from core import weights  # Lazy: weights is only needed when FID is.
+
+    key = f"{spec}|{split}|{image_size}|{num}|{weights_sha}"
+    readable = re.sub(r"[^A-Za-z0-9]+", "_", f"{spec}_{split}_{image_size}px_{num}")[-80:]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return os.path.join(weights.cache_dir(), "fid_stats", f"{readable}-{digest}.npz")

@@ -131,6 +131,7 @@ def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, codebo
     }
     result.update(stats.result())
     result["num_examples"] = seen
+    result.update(_maybe_rfid(config, state, eval_step, mesh, step))
     logging.info(
         "eval at step %d on %d images: PSNR %.2f dB, SSIM %.4f, codebook usage %.3f, "
         "perplexity %.1f",
@@ -142,6 +143,21 @@ def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, codebo
         result["codebook_perplexity"],
     )
     return result
+
+
+def _maybe_rfid(config, state, eval_step, mesh, step) -> dict:
+    """{'rfid': ...} when config.eval.fid_every asks for it at this step, else {}."""
+    every = config.eval.get("fid_every", 0)
+    if not every or (step % every and step < config.num_steps):
+        return {}
+    from jobs import evaluate as evaluate_job  # Lazy: only runs that ask for rFID load Inception.
+
+    rfid = evaluate_job.training_rfid(
+        config, lambda batch: eval_step(state.params, state.model_state, batch), mesh
+    )
+    num = config.eval.fid_num_examples
+    logging.info("eval at step %d: rFID %.3f on %d images", step, rfid, num)
+    return {"rfid": rfid}
 
 
 def _to_global(host_batch, mesh):

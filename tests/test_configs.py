@@ -6,6 +6,7 @@ import importlib
 import os
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -36,11 +37,32 @@ def _check_export_config(full, tiny):
     export_tokens.validate_config(full, require_tokenizer=False)
 
 
+def _check_classifier_config(full, tiny):
+    from jobs import train_classifier
+
+    assert tiny.data.train.startswith("builtin:") and tiny.num_steps <= full.num_steps
+    model = train_classifier.model_fn_from_config(tiny)()
+    images = jax.ShapeDtypeStruct((2, tiny.data.image_size, tiny.data.image_size, 3), np.uint8)
+    assert jax.eval_shape(lambda x: model(x), images).shape == (2, tiny.model.num_classes)
+
+
+def _check_evaluate_config(full, tiny):
+    """Nothing of its own to build; the tiny variant must run offline (no Inception or VGG)."""
+    from jobs import evaluate
+
+    for config in (full, tiny):
+        config.tokenizer.workdir = "some_run"
+        evaluate.validate(config)
+    assert set(tiny.metrics) <= {"psnr", "ssim", "usage", "shapes"}
+
+
 # config.job -> what its tiny variant must pass. Jobs without an entry are still imported,
 # dispatched by run.py and given an unknown variant below.
 JOB_CHECKS = {
     "train_tokenizer": _check_tokenizer_config,
     "export_tokens": _check_export_config,
+    "train_classifier": _check_classifier_config,
+    "evaluate": _check_evaluate_config,
 }
 
 

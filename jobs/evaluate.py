@@ -1,0 +1,442 @@
+"""Evaluate a tokenizer checkpoint or a set of generated samples; see README "Evaluation protocol".
+
+config.mode = 'tokenizer': reconstruct a data split with a train_tokenizer run's checkpoint ->
+  rfid, psnr, ssim, lpips, codebook_usage/perplexity (+ shapes_accuracy, shapes_fd).
+config.mode = 'samples': an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels) -> gfid,
+  inception_score, precision, recall (+ shapes_accuracy, shapes_fd) against a reference npz (mu,
+  sigma and/or arr_0 images) or the cached statistics of a data source.
+Results go to WORKDIR/metrics.json and the console. The networks (FID Inception, LPIPS, shapes
+classifier) run jitted with the batch sharded over the mesh (core.metrics.ShardedApply).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from configs.evaluate import SAMPLE_METRICS, TOKENIZER_METRICS
+from core import data, metrics, weights
+from core import mesh as mesh_lib
+from core.images import to_model
+
+PR_REFERENCE_MAX = 10_000  # Pool features kept for precision/recall (ADM: a 10k batch).
+
+
+def validate(config) -> None:
+    """Raises a ValueError naming the bad setting."""
+    allowed = {"tokenizer": TOKENIZER_METRICS, "samples": SAMPLE_METRICS}.get(config.mode)
+    if allowed is None:
+        raise ValueError(f"config.mode={config.mode!r}; use 'tokenizer' or 'samples'")
+    unknown = [m for m in config.metrics if m not in allowed]
+    if unknown:
+        raise ValueError(
+            f"config.metrics {unknown} not available in mode {config.mode!r}: {allowed}"
+        )
+    if config.mode == "tokenizer" and not config.tokenizer.workdir:
+        raise ValueError("mode 'tokenizer' needs --config.tokenizer.workdir=<train_tokenizer run>")
+    if config.mode == "samples" and not config.samples.path:
+        raise ValueError("mode 'samples' needs --config.samples.path=<npz with arr_0>")
+
+
+def run(config, workdir: str) -> dict:
+    validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    for name, size in (("data", config.data.batch_size), ("samples", config.samples.batch_size)):
+        if size % mesh_lib.batch_parallelism(mesh):
+            raise ValueError(
+                f"config.{name}.batch_size={size} must be a multiple of the data x fsdp mesh "
+                f"size {mesh_lib.batch_parallelism(mesh)}"
+            )
+    if config.mode == "tokenizer":
+        results = evaluate_tokenizer(config, workdir, mesh)
+    else:
+        results = evaluate_samples(config, workdir, mesh)
+    report(results, workdir)
+    return results
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+@functools.cache
+def inception_apply(path: str, mesh) -> tuple[metrics.ShardedApply, str]:
+    """(uint8 images -> {'pool', 'logits'}, sha256 of the weights); built once per process."""
+    from models import inception
+
+    net, file = inception.load_fid_inception(path or None)
+    apply = metrics.ShardedApply(net, lambda m, x: m(x), mesh, prepare=inception.preprocess)
+    return apply, weights.sha256_of(file)
+
+
+@functools.cache
+def lpips_apply(vgg_path: str, lpips_path: str, mesh) -> metrics.ShardedApply:
+    from models import lpips
+
+    model, _ = lpips.load_lpips(vgg_path or None, lpips_path or None)
+    return metrics.ShardedApply(model, lambda m, a, b: m(to_model(a), to_model(b)), mesh)
+
+
+def shapes_apply(config, workdir: str, mesh) -> metrics.ShardedApply:
+    """The shapes classifier cached in its workdir (trained there on first use)."""
+    from configs import shapes_classifier
+    from jobs import train_classifier
+
+    where = config.shapes.classifier_workdir or os.path.join(workdir, "shapes_classifier")
+    recipe = shapes_classifier.get_config(config.shapes.classifier_variant or None)
+    recipe.mesh = config.mesh
+    model = train_classifier.ensure_classifier(where, recipe, mesh=mesh)
+    return metrics.ShardedApply(model, lambda m, x: m.features_and_logits(x), mesh)
+
+
+def _progress(iterable, what: str, total=None):
+    total = total if total is not None else getattr(iterable, "num_batches", None)
+    return tqdm.tqdm(iterable, desc=what, total=total, disable=jax.process_index() != 0)
+
+
+def _global_mask(local_mask, remaining: int) -> np.ndarray:
+    mask = np.asarray(multihost_utils.process_allgather(local_mask, tiled=True), bool)
+    return mask & (np.arange(len(mask)) < remaining)
+
+
+def _gather(tree):
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def source_outputs(spec, split, size, num, *, batch_size, seed, data_dir, fn) -> np.ndarray:
+    """fn(this process's uint8 batch) -> global outputs, over the first `num` images of a source."""
+    batches = data.batches(
+        spec,
+        split=split,
+        image_size=size,
+        global_batch_size=batch_size,
+        train=False,
+        seed=seed,
+        data_dir=data_dir or None,
+    )
+    outputs, seen = [], 0
+    for batch in _progress(batches, f"{spec}:{split}"):
+        mask = _global_mask(batch["mask"], num - seen)
+        outputs.append(fn(batch["image"])[mask])
+        seen += int(mask.sum())
+        if seen >= num:
+            break
+    batches.close()
+    return np.concatenate(outputs)
+
+
+# ----------------------------------------------------------------------------- tokenizer mode
+
+
+def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
+    """Reconstructs config.num_examples images with a trained tokenizer and measures them."""
+    from jobs import train_tokenizer
+
+    step = None if config.tokenizer.step < 0 else config.tokenizer.step
+    tok = train_tokenizer.load_tokenizer(config.tokenizer.workdir, mesh, step)
+    d = tok.config.data
+    spec, split = config.data.spec or d.eval, config.data.split or d.eval_split
+    size, data_dir = config.data.image_size or d.image_size, config.data.data_dir or d.data_dir
+    wanted = set(config.metrics)
+    eval_step = jax.jit(
+        train_tokenizer.make_eval_step(tok.model_def),
+        in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
+    )
+    reconstruct = lambda batch: eval_step(tok.params, tok.model_state, batch)  # noqa: E731
+    codebook = train_tokenizer.nnx_vocab_size(train_tokenizer.model_fn_from_config(tok.config))
+    fid = None
+    if "fid" in wanted:
+        fid = FidReference(
+            mesh=mesh,
+            weights_path=config.weights.inception,
+            source=(spec, split, size, config.num_examples, data_dir),
+            reference=config.reference.to_dict(),
+            batch_size=config.data.batch_size,
+            seed=config.seed,
+            need_pool=False,
+        )
+        if fid.stats is None and not fid.from_originals:
+            fid.compute_from_source()
+    nets = dict(
+        inception=fid.inception if fid else None,
+        originals=fid is not None and fid.stats is None,
+        lpips=lpips_apply(config.weights.vgg16, config.weights.lpips, mesh)
+        if "lpips" in wanted
+        else None,
+        shapes=shapes_apply(config, workdir, mesh) if "shapes" in wanted else None,
+    )
+    batches = data.batches(
+        spec,
+        split=split,
+        image_size=size,
+        global_batch_size=config.data.batch_size,
+        train=False,
+        seed=config.seed,
+        data_dir=data_dir or None,
+    )
+    out = reconstruction_pass(reconstruct, batches, config.num_examples, mesh, codebook, **nets)
+    results = {"tokenizer": os.path.abspath(config.tokenizer.workdir), "step": tok.step}
+    results.update(data=f"{spec}:{split} at {size}px", num_examples=len(out["psnr"]))
+    for key in ("psnr", "ssim", "lpips"):
+        if key in out and (key in wanted):
+            results[key] = float(np.mean(out[key]))
+    if "usage" in wanted:
+        results.update(out["codebook"])
+    if fid is not None:
+        results.update(fid.result(out, "rfid"))
+    if nets["shapes"] is not None:
+        results["shapes_accuracy"] = float(np.mean(out["shapes_correct"]))
+        results["shapes_fd"] = metrics.frechet_distance_of(
+            out["shapes_features"], out["shapes_reference"]
+        )
+    return results
+
+
+def reconstruction_pass(
+    reconstruct, batches, num, mesh, codebook_size=0, *, inception, originals, lpips, shapes
+) -> dict:
+    """One pass over `batches`: per-image metrics and features of up to `num` reconstructions.
+
+    reconstruct(global batch) -> global {'psnr', 'ssim', 'indices', 'reconstruction'} (the
+    tokenizer trainer's eval step). `originals`: also Inception features of the input images.
+    """
+    out, seen = collections.defaultdict(list), 0
+    stats = metrics.CodebookStats(codebook_size) if codebook_size else None
+    for batch in _progress(batches, "reconstruct"):
+        images = mesh_lib.host_batch_to_global({"image": batch["image"]}, mesh)["image"]
+        result = reconstruct({"image": images})
+        mask = _global_mask(batch["mask"], num - seen)
+        small = _gather({k: result[k] for k in ("psnr", "ssim", "indices")})
+        out["psnr"].append(small["psnr"][mask])
+        out["ssim"].append(small["ssim"][mask])
+        if stats is not None:
+            stats.update(small["indices"][mask])
+        recon = result["reconstruction"]
+        if inception is not None:
+            out["pool"].append(inception(recon)["pool"][mask])
+            if originals:
+                out["reference_pool"].append(inception(images)["pool"][mask])
+        if lpips is not None:
+            out["lpips"].append(lpips(images, recon)[mask])
+        if shapes is not None:
+            labels = _gather(batch["label"])[mask]
+            predicted = shapes(recon)
+            out["shapes_correct"].append(predicted["logits"][mask].argmax(-1) == labels)
+            out["shapes_features"].append(predicted["features"][mask])
+            out["shapes_reference"].append(shapes(images)["features"][mask])
+        seen += int(mask.sum())
+        if seen >= num:
+            break
+    batches.close()
+    if seen == 0:
+        raise data.DataError("the evaluation data gave no images; check data.spec and data.split")
+    merged = {k: np.concatenate(v) for k, v in out.items()}
+    if stats is not None:
+        merged["codebook"] = stats.result()
+    return merged
+
+
+class FidReference:
+    """The statistics FID is measured against, and the Inception that measures both sides.
+
+    `reference` (config.reference) may name an npz (`path`: mu/sigma, else arr_0 images; ADM
+    reference batches have both) or a data source (`spec`); otherwise `source` = (spec, split,
+    size, num, data_dir) is used: for rFID, the originals of the evaluated images. Data-source
+    statistics are cached in $TOKENIZERS_CACHE/fid_stats, keyed by source, split, size, count
+    and the weights' sha256, and hold up to 10k pool features for precision/recall.
+    """
+
+    def __init__(self, *, mesh, weights_path, source, reference, batch_size, seed, need_pool):
+        self.inception, self.sha = inception_apply(weights_path or "", mesh)
+        self.batch_size, self.seed = batch_size, seed
+        self.stats = self.pool = None
+        ref = reference or {}
+        self.from_originals = not ref.get("path") and not ref.get("spec")
+        if ref.get("path"):
+            self._from_file(ref["path"], need_pool)
+            return
+        if ref.get("spec"):
+            num = ref.get("num_examples") or (source[3] if source else 50_000)
+            source = (ref["spec"], ref.get("split") or "train", ref["image_size"], num)
+            source += (ref.get("data_dir", ""),)
+        if source is None:
+            raise ValueError(
+                "set --config.reference.path (npz with mu/sigma or arr_0, e.g. ADM's "
+                "VIRTUAL_imagenet256_labeled.npz) or --config.reference.spec (a data source)"
+            )
+        self.source = source
+        spec, split, size, num, _ = source
+        self.name = f"{spec}:{split} at {size}px, {num} images"
+        self.cache = metrics.stats_cache_path(spec, split, size, num, self.sha)
+        if os.path.isfile(self.cache):
+            found = metrics.load_reference(self.cache)
+            if not need_pool or "pool" in found:
+                self.stats, self.pool = (found["mu"], found["sigma"]), found.get("pool")
+
+    def _from_file(self, path: str, need_pool: bool) -> None:
+        found = metrics.load_reference(path)
+        self.name = os.path.abspath(path)
+        if found["has_images"] and (need_pool or "mu" not in found):
+            reader, pools = metrics.NpzImages(path), []
+            for images, count in _progress(reader.batches(self.batch_size), "reference images"):
+                pools.append(self.inception.replicated(images)["pool"][:count])
+            self.pool = np.concatenate(pools)
+        if need_pool and self.pool is None:
+            raise ValueError(f"precision/recall need reference images (arr_0); {path} has none")
+        if "mu" in found:
+            self.stats = (found["mu"], found["sigma"])
+        else:
+            self.stats = metrics.gaussian_stats(self.pool)
+
+    def compute_from_source(self) -> None:
+        """Statistics of the source's first `num` images, computed once and cached."""
+        data_dir = self.source[4]
+        pool = source_outputs(
+            *self.source[:4],
+            batch_size=self.batch_size,
+            seed=self.seed,
+            data_dir=data_dir,
+            fn=lambda images: self.inception(images)["pool"],
+        )
+        self.set_from_pool(pool)
+
+    def set_from_pool(self, pool: np.ndarray) -> None:
+        self.stats, self.pool = metrics.gaussian_stats(pool), pool[:PR_REFERENCE_MAX]
+        if jax.process_index() == 0:
+            metrics.save_stats(self.cache, mu=self.stats[0], sigma=self.stats[1], pool=self.pool)
+        logging.info("FID reference statistics cached at %s", self.cache)
+
+    def result(self, out: dict, name: str) -> dict:
+        """{name: FID of out['pool']} (from out['reference_pool'] when stats were missing)."""
+        if self.stats is None:
+            self.set_from_pool(out["reference_pool"])
+        value = metrics.frechet_distance(*metrics.gaussian_stats(out["pool"]), *self.stats)
+        return {name: value, "fid_reference": self.name, "inception_sha256": self.sha}
+
+
+# ----------------------------------------------------------------------------- samples mode
+
+
+def evaluate_samples(config, workdir: str, mesh) -> dict:
+    """gFID, IS, precision/recall and shapes signals of an ADM-format sample file."""
+    wanted = set(config.metrics)
+    reader = metrics.NpzImages(config.samples.path)
+    inception = fid = None
+    if wanted & {"fid", "is", "pr"}:
+        inception, sha = inception_apply(config.weights.inception, mesh)
+    if wanted & {"fid", "pr"}:
+        fid = FidReference(
+            mesh=mesh,
+            weights_path=config.weights.inception,
+            source=None,
+            reference=config.reference.to_dict(),
+            batch_size=config.samples.batch_size,
+            seed=config.seed,
+            need_pool="pr" in wanted,
+        )
+        if fid.stats is None:
+            fid.compute_from_source()
+    shapes = shapes_apply(config, workdir, mesh) if "shapes" in wanted else None
+    out = collections.defaultdict(list)
+    size = config.samples.batch_size
+    for images, count in _progress(reader.batches(size), "samples", reader.num_batches(size)):
+        if inception is not None:
+            for key, value in inception.replicated(images).items():
+                out[key].append(value[:count])
+        if shapes is not None:
+            for key, value in shapes.replicated(images).items():
+                out[f"shapes_{key}"].append(value[:count])
+    out = {k: np.concatenate(v) for k, v in out.items()}
+    results = {"samples": os.path.abspath(config.samples.path), "num_samples": reader.num_images}
+    if inception is not None:
+        results["inception_sha256"] = sha
+    if "is" in wanted:
+        results["inception_score"] = metrics.inception_score(out["logits"], config.is_split_size)
+    if "fid" in wanted:
+        results.update(fid.result(out, "gfid"))
+    if "pr" in wanted:
+        precision, recall = metrics.precision_recall(fid.pool, out["pool"], k=config.pr_k)
+        results.update(precision=precision, recall=recall)
+    if shapes is not None:
+        results.update(shapes_of_samples(config, out, reader, shapes))
+    return results
+
+
+def shapes_of_samples(config, out: dict, reader, shapes) -> dict:
+    """shapes_accuracy (needs arr_1 labels) and shapes_fd against builtin:shapes test images."""
+    results = {}
+    if reader.labels is not None:
+        predicted = out["shapes_logits"].argmax(-1)
+        results["shapes_accuracy"] = float((predicted == reader.labels[: len(predicted)]).mean())
+    reference = source_outputs(
+        "builtin:shapes",
+        "test",
+        reader.image_size,
+        len(out["shapes_features"]),
+        batch_size=config.samples.batch_size,
+        seed=config.seed,
+        data_dir="",
+        fn=lambda images: shapes(images)["features"],
+    )
+    results["shapes_fd"] = metrics.frechet_distance_of(out["shapes_features"], reference)
+    return results
+
+
+# ----------------------------------------------------------------------------- trainer hook
+
+
+def training_rfid(config, reconstruct, mesh) -> float:
+    """rFID of config.eval.fid_num_examples held-out reconstructions, for train_tokenizer.
+
+    reconstruct(global batch) -> the trainer's eval step outputs. The reference statistics of
+    the held-out originals are computed on the first call and cached.
+    """
+    d, num = config.data, config.eval.fid_num_examples
+    fid = FidReference(
+        mesh=mesh,
+        weights_path=config.eval.get("fid_inception_weights", ""),
+        source=(d.eval, d.eval_split, d.image_size, num, d.data_dir),
+        reference=None,
+        batch_size=config.eval.batch_size,
+        seed=config.seed,
+        need_pool=False,
+    )
+    batches = data.batches(
+        d.eval,
+        split=d.eval_split,
+        image_size=d.image_size,
+        global_batch_size=config.eval.batch_size,
+        train=False,
+        seed=config.seed,
+        data_dir=d.data_dir or None,
+    )
+    out = reconstruction_pass(
+        reconstruct,
+        batches,
+        num,
+        mesh,
+        inception=fid.inception,
+        originals=fid.stats is None,
+        lpips=None,
+        shapes=None,
+    )
+    return fid.result(out, "rfid")["rfid"]
+
+
+def report(results: dict, workdir: str) -> None:
+    """WORKDIR/metrics.json plus one console line per number."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    for key, value in results.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        logging.info("evaluate: %-20s %s", key, shown)

@@ -1,0 +1,182 @@
+"""Train the small `builtin:shapes` classifier behind `shapes_accuracy` and `shapes_fd`.
+
+run(config, workdir) trains with the shared loop (checkpoints, resume, logging), then reports
+the held-out test accuracy. `ensure_classifier(workdir)` returns a trained classifier, training
+one there first when the workdir holds none: the evaluation job caches it that way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from core import checkpoint, data, loop, metrics, optim
+from core import mesh as mesh_lib
+from core import train_state as ts
+from models.classifier import ShapesClassifier
+
+
+def model_fn_from_config(config):
+    m = config.model
+    return functools.partial(
+        ShapesClassifier,
+        num_classes=m.num_classes,
+        widths=tuple(m.widths),
+        final_convs=m.final_convs,
+        hidden=m.hidden,
+        image_size=config.data.image_size,
+        bn_momentum=m.bn_momentum,
+        seed=config.seed,
+    )
+
+
+def optimizer_from_config(config):
+    return optim.make_optimizer(**config.optimizer.to_dict(), total_steps=config.num_steps)
+
+
+def make_train_step(model_def: ts.ModelDef, optimizer):
+    """Cross-entropy step; BatchNorm statistics travel in model_state."""
+
+    def loss_fn(params, model_state, batch):
+        model = model_def.merge(params, model_state)
+        logits = model(batch["image"], train=True)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        accuracy = (logits.argmax(-1) == batch["label"]).mean()
+        return loss, (accuracy, ts.model_state_of(model))
+
+    def train_step(state: ts.TrainState, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (accuracy, model_state)), grads = grad_fn(state.params, state.model_state, batch)
+        params, opt_state = ts.apply_gradients(optimizer, state, grads)
+        new_state = state.replace(
+            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+        )
+        return new_state, {"loss": loss, "train_accuracy": accuracy}
+
+    return train_step
+
+
+def test_accuracy(config, model: ShapesClassifier, mesh) -> float:
+    """Accuracy on the first config.eval.num_examples images of the held-out split."""
+    apply = metrics.ShardedApply(model, lambda m, x: m(x).argmax(-1), mesh)
+    batches = data.batches(
+        config.data.eval,
+        split=config.data.eval_split,
+        image_size=config.data.image_size,
+        global_batch_size=config.eval.batch_size,
+        train=False,
+        seed=config.seed,
+    )
+    correct = seen = 0
+    for batch in batches:
+        predictions = apply(batch["image"])  # The whole global batch, on every process.
+        labels, mask = multihost_utils.process_allgather(
+            (batch["label"], batch["mask"]), tiled=True
+        )
+        mask = np.asarray(mask) & (np.arange(len(mask)) < config.eval.num_examples - seen)
+        correct += int((predictions[mask] == np.asarray(labels)[mask]).sum())
+        seen += int(mask.sum())
+        if seen >= config.eval.num_examples:
+            break
+    batches.close()
+    return correct / max(seen, 1)
+
+
+def run(config, workdir: str) -> dict:
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    for name in ("data.global_batch_size", "eval.batch_size"):
+        size = config[name.split(".")[0]][name.split(".")[1]]
+        if size % mesh_lib.batch_parallelism(mesh):
+            raise ValueError(
+                f"config.{name}={size} must be a multiple of the data x fsdp mesh size "
+                f"{mesh_lib.batch_parallelism(mesh)}"
+            )
+    model_fn, optimizer = model_fn_from_config(config), optimizer_from_config(config)
+    ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    model_def, state, shardings = ts.restore_or_init(
+        model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
+    )
+    batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4), "label": mesh_lib.batch_sharding(mesh)}
+    train_step = jax.jit(
+        make_train_step(model_def, optimizer),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    batches = data.batches(
+        config.data.train,
+        split=config.data.train_split,
+        image_size=config.data.image_size,
+        global_batch_size=config.data.global_batch_size,
+        train=True,
+        seed=config.seed,
+        data_dir=config.data.data_dir or None,
+        start_step=int(state.step),
+    )
+    writer = loop.MetricWriter(workdir)
+    try:
+        state, train_metrics, stopped = loop.train(
+            state=state,
+            step_fn=train_step,
+            batches=batches,
+            mesh=mesh,
+            num_steps=config.num_steps,
+            writer=writer,
+            ckpt_manager=ckpt,
+            config_dict=config.to_dict(),
+            log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
+        )
+        result = {"step": int(state.step), **train_metrics}
+        if not stopped:
+            model = model_def.merge(state.params, state.model_state)
+            result["test_accuracy"] = test_accuracy(config, model, mesh)
+            writer.write(
+                int(state.step), {"test_accuracy": result["test_accuracy"]}, prefix="final/"
+            )
+            logging.info("shapes classifier: test accuracy %.4f", result["test_accuracy"])
+    finally:
+        batches.close()
+        writer.close()
+        ckpt.close()
+    return result
+
+
+def load_classifier(workdir: str, mesh=None) -> ShapesClassifier:
+    """The trained classifier of `workdir` (its saved config rebuilds the model)."""
+    step, saved = checkpoint.read_config(workdir)
+    config = ml_collections.ConfigDict(saved)
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    model_fn = model_fn_from_config(config)
+    model_def, abstract, shardings = ts.state_shardings(
+        model_fn, optimizer_from_config(config), mesh, rules
+    )
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+    state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), target, step=step)
+    return model_def.merge(state.params, state.model_state)
+
+
+def ensure_classifier(workdir: str, config=None, mesh=None) -> ShapesClassifier:
+    """The classifier cached in `workdir`, trained there first (with `config`) if absent."""
+    try:
+        step, saved = checkpoint.read_config(workdir)
+        finished = step >= saved["num_steps"]
+    except checkpoint.CheckpointError:
+        finished = False
+    if not finished:
+        if config is None:
+            from configs import shapes_classifier
+
+            config = shapes_classifier.get_config()
+        logging.info("training the shapes classifier in %s (cached for later runs)", workdir)
+        run(config, workdir)
+    return load_classifier(workdir, mesh)

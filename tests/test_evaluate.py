@@ -1,0 +1,245 @@
+"""The evaluation job end to end on CPU, with no downloads.
+
+The shapes classifier (tiny: >= 98%), rFID during tokenizer training, a tokenizer checkpoint
+(rFID, PSNR, SSIM, LPIPS with a random VGG, usage, shapes signals) and ADM-format samples (gFID,
+IS, precision/recall, shapes signals), each checked against an independent computation.
+
+The FID Inception is replaced here by a small stand-in with the same interface: on 2 CPU cores
+one 2048-d sqrtm takes tens of seconds. The real network, loaded and run exactly as the job
+does (`evaluate.inception_apply`), is checked against pytorch-fid in test_inception.py.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference_weights
+from flax import nnx
+
+from configs import evaluate as evaluate_config
+from configs import shapes_classifier, vq_b16
+from core import builtin_data, metrics, weights
+from core import mesh as mesh_lib
+from core.images import to_model, to_uint8
+from jobs import evaluate, train_classifier, train_tokenizer
+
+N = 16  # Images per evaluation: enough to exercise batching, small enough for CPU.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_cache(tmp_path_factory):
+    """A private weights/statistics cache; the network is never tried."""
+    saved = {k: os.environ.get(k) for k in (weights.CACHE_ENV, weights.OFFLINE_ENV)}
+    os.environ[weights.CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
+    os.environ[weights.OFFLINE_ENV] = "1"
+    yield os.environ[weights.CACHE_ENV]
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+class StandInInception(nnx.Module):
+    """uint8 images -> {'pool': [B, 24], 'logits': [B, 10]}; fixed seeded random weights."""
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.w = nnx.Param(jnp.asarray(rng.normal(0, 0.3, (48, 24)), jnp.float32))
+        self.v = nnx.Param(jnp.asarray(rng.normal(0, 1.0, (24, 10)), jnp.float32))
+
+    def __call__(self, images):
+        x = jax.image.resize(images.astype(jnp.float32) / 127.5 - 1, (len(images), 4, 4, 3), "area")
+        pool = jnp.tanh(x.reshape(len(images), -1) @ self.w[...])
+        return {"pool": pool, "logits": pool @ self.v[...]}
+
+
+def stand_in_inception_apply(path, mesh):
+    """What evaluate.inception_apply returns, for the stand-in network."""
+    assert path == "inception.pth"  # The configured weights path reaches the loader.
+    return metrics.ShardedApply(StandInInception(), lambda m, x: m(x), mesh), "stand-in"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stand_in_inception():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "inception_apply", stand_in_inception_apply)
+        yield
+
+
+def _features(images):
+    """The stand-in's outputs computed directly (eagerly, unsharded)."""
+    return jax.tree.map(np.asarray, StandInInception()(jnp.asarray(images)))
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("weights") / "vgg16.pth")
+    reference_weights.random_lpips(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("shapes_classifier"))
+    return workdir, train_classifier.run(shapes_classifier.get_config("tiny"), workdir)
+
+
+def _shapes(split, start, count, size=32):
+    source = builtin_data.ShapesSource(split, size)
+    items = [source.read(i) for i in range(start, start + count)]
+    return np.stack([x for x, _ in items]), np.array([y for _, y in items])
+
+
+def test_shapes_classifier_reaches_98_percent(classifier):
+    workdir, result = classifier
+    assert result["test_accuracy"] >= 0.98
+    # Independently, on held-out images the job's own evaluation did not use.
+    model = train_classifier.load_classifier(workdir)
+    images, labels = _shapes("test", 5000, 1000)
+    predicted = np.asarray(jax.jit(lambda x: model(x).argmax(-1))(images))
+    assert (predicted == labels).mean() >= 0.98
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory):
+    """4 steps of the tiny tokenizer, evaluated every 2 steps, with rFID every 4 steps."""
+    config = vq_b16.get_config("tiny")
+    config.update(num_steps=4, log_every=2, checkpoint_every=4, eval_every=2)
+    config.data.global_batch_size = 16
+    config.eval.update(
+        batch_size=N,
+        num_examples=N,
+        fid_every=4,
+        fid_num_examples=N,
+        fid_inception_weights="inception.pth",
+    )
+    workdir = str(tmp_path_factory.mktemp("tokenizer"))
+    return workdir, train_tokenizer.run(config, workdir)
+
+
+def test_tokenizer_training_reports_rfid(tokenizer_run, offline_cache):
+    workdir, result = tokenizer_run
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = {line["step"]: "eval/rfid" in line for line in lines if "eval/psnr" in line}
+    assert evals == {2: False, 4: True}  # Every eval_every steps; rFID only every fid_every.
+    assert result["eval/rfid"] > 0
+    cached = os.listdir(os.path.join(offline_cache, "fid_stats"))
+    assert len(cached) == 1 and cached[0].startswith(f"builtin_shapes_test_32px_{N}-")
+    # The cached reference is the statistics of the held-out originals.
+    originals, _ = _shapes("test", 0, N)
+    stats = np.load(os.path.join(offline_cache, "fid_stats", cached[0]))
+    np.testing.assert_allclose(stats["mu"], _features(originals)["pool"].mean(0), atol=1e-5)
+
+
+def _tokenizer_config(tokenizer_workdir, classifier_workdir, vgg_file):
+    config = evaluate_config.get_config("tiny")
+    config.metrics = ("fid", "psnr", "ssim", "lpips", "usage", "shapes")
+    config.tokenizer.workdir = tokenizer_workdir
+    config.num_examples = N
+    config.data.batch_size = N
+    config.weights.update(inception="inception.pth", vgg16=vgg_file)
+    config.shapes.classifier_workdir = classifier_workdir
+    return config
+
+
+def test_evaluate_tokenizer(tokenizer_run, classifier, vgg_file, tmp_path):
+    workdir, trained = tokenizer_run
+    config = _tokenizer_config(workdir, classifier[0], vgg_file)
+    results = evaluate.run(config, str(tmp_path))
+    assert json.load(open(tmp_path / "metrics.json")) == pytest.approx(results)
+    # The trainer's final evaluation saw the same N images with the same networks.
+    for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity", "rfid"):
+        assert results[key] == pytest.approx(trained[f"eval/{key}"], rel=1e-5), key
+    assert results["num_examples"] == N
+    # Independently: reconstruct outside the job, then each metric from its definition.
+    tokenizer = train_tokenizer.load_tokenizer(workdir)
+    originals, labels = _shapes("test", 0, N)
+    model = tokenizer.model()
+    recon = to_uint8(jax.jit(lambda x: model(x, train=False)[0])(to_model(originals)))
+    expected_fid = metrics.frechet_distance_of(
+        _features(recon)["pool"], _features(originals)["pool"]
+    )
+    assert results["rfid"] == pytest.approx(expected_fid, rel=1e-3)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    lpips_values = evaluate.lpips_apply(vgg_file, "", mesh)(originals, recon)  # Parity: test_lpips.
+    assert results["lpips"] == pytest.approx(lpips_values.mean(), rel=1e-4)
+    net = train_classifier.load_classifier(classifier[0])
+    apply = jax.jit(lambda x: net.features_and_logits(x))
+    on_recon, on_originals = apply(recon), apply(originals)
+    accuracy = (np.asarray(on_recon["logits"]).argmax(-1) == labels).mean()
+    assert results["shapes_accuracy"] == pytest.approx(accuracy)
+    expected_fd = metrics.frechet_distance_of(on_recon["features"], on_originals["features"])
+    assert results["shapes_fd"] == pytest.approx(expected_fd, rel=1e-3)
+
+
+def _write_samples(path, images, labels=None):
+    np.savez(path, images, *([] if labels is None else [labels]))
+    return str(path)
+
+
+def test_evaluate_samples(classifier, tmp_path):
+    images, labels = _shapes("test", 0, N)
+    reference, _ = _shapes("train", 0, 2 * N)
+    config = evaluate_config.get_config("samples")
+    config.metrics = ("fid", "is", "pr", "shapes")
+    config.samples.update(path=_write_samples(tmp_path / "s.npz", images, labels), batch_size=8)
+    config.reference.path = _write_samples(tmp_path / "ref.npz", reference)  # ADM-style arr_0.
+    config.weights.inception = "inception.pth"
+    config.shapes.classifier_workdir = classifier[0]
+    config.is_split_size = 5
+    results = evaluate.run(config, str(tmp_path / "out"))
+    ours, theirs = _features(images), _features(reference)
+    expected = metrics.frechet_distance_of(ours["pool"], theirs["pool"])
+    assert results["gfid"] == pytest.approx(expected, rel=1e-4)
+    expected = metrics.inception_score(ours["logits"], split_size=5)
+    assert results["inception_score"] == pytest.approx(expected, rel=1e-4)
+    expected = metrics.precision_recall(theirs["pool"], ours["pool"], k=3)
+    assert (results["precision"], results["recall"]) == pytest.approx(expected, abs=1e-9)
+    assert results["num_samples"] == N and results["shapes_accuracy"] >= 0.9  # Real shapes.
+    # Statistics given as mu/sigma give the same gFID; noise is far from the shapes.
+    metrics.save_stats(str(tmp_path / "stats.npz"), theirs["pool"])
+    config.reference.path = str(tmp_path / "stats.npz")
+    noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    config.samples.path = _write_samples(tmp_path / "noise.npz", noise)
+    config.metrics = ("fid", "shapes")
+    again = evaluate.run(config, str(tmp_path / "out2"))
+    expected = metrics.frechet_distance_of(_features(noise)["pool"], theirs["pool"])
+    assert again["gfid"] == pytest.approx(expected, rel=1e-4)
+    assert again["shapes_fd"] > 2 * results["shapes_fd"] and "shapes_accuracy" not in again
+
+
+def test_samples_against_a_cached_data_source(tmp_path, offline_cache):
+    images, _ = _shapes("test", 0, N)
+    config = evaluate_config.get_config("samples")
+    config.metrics = ("fid", "pr")
+    config.samples.update(path=_write_samples(tmp_path / "s.npz", images), batch_size=8)
+    config.reference.update(spec="builtin:shapes", split="train", image_size=32, num_examples=N)
+    config.weights.inception = "inception.pth"
+    first = evaluate.run(config, str(tmp_path / "a"))
+    reference, _ = _shapes("train", 0, N)  # Eval order: the first N images of the split.
+    expected = metrics.frechet_distance_of(_features(images)["pool"], _features(reference)["pool"])
+    assert first["gfid"] == pytest.approx(expected, rel=1e-4)
+    cache = [f for f in os.listdir(os.path.join(offline_cache, "fid_stats")) if "train" in f]
+    assert len(cache) == 1
+    assert evaluate.run(config, str(tmp_path / "b"))["gfid"] == pytest.approx(first["gfid"])
+
+
+def test_configuration_mistakes_are_explained(tmp_path):
+    config = evaluate_config.get_config("samples")
+    with pytest.raises(ValueError, match="samples.path"):
+        evaluate.validate(config)
+    config.metrics = ("psnr",)
+    config.samples.path = "x.npz"
+    with pytest.raises(ValueError, match="not available in mode 'samples'"):
+        evaluate.validate(config)
+    config = evaluate_config.get_config("tiny")
+    with pytest.raises(ValueError, match="tokenizer.workdir"):
+        evaluate.validate(config)
+    images, _ = _shapes("test", 0, 4)
+    config = evaluate_config.get_config("samples")
+    config.samples.path = _write_samples(tmp_path / "s.npz", images)
+    config.metrics = ("fid",)
+    config.weights.inception = "inception.pth"
+    with pytest.raises(ValueError, match="reference.path"):
+        evaluate.run(config, str(tmp_path / "out"))
