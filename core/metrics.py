@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -38,20 +39,47 @@ def psnr_ssim(images_uint8, reconstructions_uint8):
 
 
 class CodebookStats:
-    """Accumulates a histogram of code indices over an evaluation pass."""
+    """Accumulates a histogram of code indices over an evaluation pass.
 
-    def __init__(self, codebook_size: int):
-        self.counts = np.zeros(codebook_size, np.int64)
+    Vocabularies up to 2**24 codes use a dense histogram; larger ones (binary codes of 18-36
+    bits) count only the codes seen. Binary codes of more than 31 bits arrive as group indices
+    [..., G] (tokenizers/binary.py); pass `vocab` so they are joined into one code per token.
+    """
+
+    DENSE_LIMIT = 2**24
+
+    def __init__(self, codebook_size: int, vocab=None):
+        self.size = int(codebook_size)
+        self.group_bits = None
+        if vocab is not None and vocab.groups and vocab.size > 2**31:
+            self.group_bits = tuple(int(g) for g in vocab.groups)
+        self.dense = self.size <= self.DENSE_LIMIT
+        self.counts = np.zeros(self.size, np.int64) if self.dense else collections.Counter()
+
+    def _flat(self, indices) -> np.ndarray:
+        indices = np.asarray(indices)
+        if self.group_bits is None:
+            return indices.reshape(-1).astype(np.int64)
+        codes = np.zeros(indices.shape[:-1], np.uint64)
+        for g, bits in enumerate(self.group_bits):  # most significant group first
+            codes = (codes << np.uint64(bits)) | indices[..., g].astype(np.uint64)
+        return codes.reshape(-1)
 
     def update(self, indices):
-        self.counts += np.bincount(np.asarray(indices).reshape(-1), minlength=len(self.counts))
+        flat = self._flat(indices)
+        if self.dense:
+            self.counts += np.bincount(flat, minlength=self.size)
+        else:
+            values, counts = np.unique(flat, return_counts=True)
+            self.counts.update(dict(zip(values.tolist(), counts.tolist(), strict=True)))
 
     def result(self) -> dict:
-        total = self.counts.sum()
-        p = self.counts[self.counts > 0] / max(total, 1)
+        counts = self.counts if self.dense else np.fromiter(self.counts.values(), np.int64)
+        used = counts[counts > 0]
+        p = used / max(used.sum(), 1)
         entropy = float(-(p * np.log(p)).sum())
         return {
-            "codebook_usage": float((self.counts > 0).mean()),
+            "codebook_usage": len(used) / self.size,
             "codebook_perplexity": float(np.exp(entropy)),
         }
 

@@ -20,6 +20,7 @@ import os
 import jax
 import numpy as np
 import tqdm
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from configs.evaluate import SAMPLE_METRICS, TOKENIZER_METRICS
@@ -150,7 +151,7 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
     )
     reconstruct = lambda batch: eval_step(tok.params, tok.model_state, batch)  # noqa: E731
-    codebook = train_tokenizer.nnx_vocab_size(train_tokenizer.model_fn_from_config(tok.config))
+    vocab = nnx.eval_shape(train_tokenizer.model_fn_from_config(tok.config)).vocab
     fid = None
     if "fid" in wanted:
         fid = FidReference(
@@ -181,7 +182,7 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         seed=config.seed,
         data_dir=data_dir or None,
     )
-    out = reconstruction_pass(reconstruct, batches, config.num_examples, mesh, codebook, **nets)
+    out = reconstruction_pass(reconstruct, batches, config.num_examples, mesh, vocab, **nets)
     results = {"tokenizer": os.path.abspath(config.tokenizer.workdir), "step": tok.step}
     results.update(data=f"{spec}:{split} at {size}px", num_examples=len(out["psnr"]))
     for key in ("psnr", "ssim", "lpips"):
@@ -200,7 +201,7 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
 
 
 def reconstruction_pass(
-    reconstruct, batches, num, mesh, codebook_size=0, *, inception, originals, lpips, shapes
+    reconstruct, batches, num, mesh, vocab=None, *, inception, originals, lpips, shapes
 ) -> dict:
     """One pass over `batches`: per-image metrics and features of up to `num` reconstructions.
 
@@ -208,7 +209,7 @@ def reconstruction_pass(
     tokenizer trainer's eval step). `originals`: also Inception features of the input images.
     """
     out, seen = collections.defaultdict(list), 0
-    stats = metrics.CodebookStats(codebook_size) if codebook_size else None
+    stats = metrics.CodebookStats(vocab.size, vocab) if vocab is not None else None
     for batch in _progress(batches, "reconstruct"):
         images = mesh_lib.host_batch_to_global({"image": batch["image"]}, mesh)["image"]
         result = reconstruct({"image": images})

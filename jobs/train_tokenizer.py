@@ -93,10 +93,10 @@ def make_eval_step(model_def: ts.ModelDef):
     return eval_step
 
 
-def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, codebook_size):
+def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, vocab):
     """Reconstructs up to config.eval.num_examples held-out images; returns mean metrics."""
     psnrs, ssims = [], []
-    stats = metrics.CodebookStats(codebook_size)
+    stats = metrics.CodebookStats(vocab.size, vocab)
     batches = data.batches(
         config.data.eval,
         split=config.data.eval_split,
@@ -186,7 +186,7 @@ def run(config, workdir: str) -> dict:
             make_eval_step(model_def),
             in_shardings=(shardings.params, shardings.model_state, batch_sh),
         )
-        codebook_size = nnx_vocab_size(model_fn)
+        vocab = nnx.eval_shape(model_fn).vocab
         eval_fn = functools.partial(
             evaluate,
             config,
@@ -194,7 +194,7 @@ def run(config, workdir: str) -> dict:
             eval_step=eval_step,
             mesh=mesh,
             workdir=workdir,
-            codebook_size=codebook_size,
+            vocab=vocab,
         )
         batches = data.batches(
             config.data.train,
@@ -230,10 +230,6 @@ def run(config, workdir: str) -> dict:
             writer.close()
             ckpt.close()
     return {"step": int(state.step), **train_metrics, **{f"eval/{k}": v for k, v in final.items()}}
-
-
-def nnx_vocab_size(model_fn) -> int:
-    return nnx.eval_shape(model_fn).vocab.size
 
 
 def _check_batch(config, mesh):

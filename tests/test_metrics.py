@@ -140,6 +140,27 @@ def test_codebook_stats():
     assert result["codebook_perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
 
 
+def test_codebook_stats_for_huge_and_grouped_binary_vocabularies():
+    from tokenizers.base import Vocab
+
+    dense = metrics.CodebookStats(2**18)
+    sparse = metrics.CodebookStats(2**30)  # counts only the codes seen
+    codes = np.array([5, 5, 2**17 + 3, 7, 5])
+    dense.update(codes)
+    sparse.update(codes)
+    assert not sparse.dense
+    assert sparse.result()["codebook_perplexity"] == pytest.approx(
+        dense.result()["codebook_perplexity"]
+    )
+    assert sparse.result()["codebook_usage"] == pytest.approx(3 / 2**30)
+    # 36-bit codes as two 18-bit groups: (a, b) and (b, a) are different codes.
+    grouped = metrics.CodebookStats(2**36, Vocab(size=2**36, bits=36, groups=(18, 18)))
+    grouped.update(np.array([[[1, 2], [2, 1], [1, 2]]]))
+    assert grouped.result()["codebook_usage"] == pytest.approx(2 / 2**36)
+    p = np.array([2, 1]) / 3
+    assert grouped.result()["codebook_perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+
+
 def test_sharded_apply_pads_and_unpads():
     from flax import nnx
 
