@@ -211,6 +211,16 @@ def batch_parallelism(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def check_batch_sizes(mesh: Mesh, sizes: Mapping[str, int]) -> None:
+    """Every global batch must split evenly over the data x fsdp devices; names the config key."""
+    parallel = batch_parallelism(mesh)
+    for name, size in sizes.items():
+        if size % parallel:
+            raise ValueError(
+                f"config.{name}={size} must be a multiple of the data x fsdp mesh size {parallel}"
+            )
+
+
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     """Turns this process's slice of the batch into global arrays sharded over the batch axes."""
     return {

@@ -111,6 +111,16 @@ def restore_or_init(
     return model_def, state, shardings
 
 
+def compile_train_step(step_fn, shardings: TrainState, batch_shardings, mesh: Mesh):
+    """jit(step_fn) over (state, batch) with explicit shardings; the old state is donated."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
 def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, grads):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

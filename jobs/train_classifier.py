@@ -92,24 +92,21 @@ def test_accuracy(config, model: ShapesClassifier, mesh) -> float:
 def run(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    for name in ("data.global_batch_size", "eval.batch_size"):
-        size = config[name.split(".")[0]][name.split(".")[1]]
-        if size % mesh_lib.batch_parallelism(mesh):
-            raise ValueError(
-                f"config.{name}={size} must be a multiple of the data x fsdp mesh size "
-                f"{mesh_lib.batch_parallelism(mesh)}"
-            )
+    mesh_lib.check_batch_sizes(
+        mesh,
+        {
+            "data.global_batch_size": config.data.global_batch_size,
+            "eval.batch_size": config.eval.batch_size,
+        },
+    )
     model_fn, optimizer = model_fn_from_config(config), optimizer_from_config(config)
     ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     model_def, state, shardings = ts.restore_or_init(
         model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
     )
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4), "label": mesh_lib.batch_sharding(mesh)}
-    train_step = jax.jit(
-        make_train_step(model_def, optimizer),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
+    train_step = ts.compile_train_step(
+        make_train_step(model_def, optimizer), shardings, batch_sh, mesh
     )
     batches = data.batches(
         config.data.train,

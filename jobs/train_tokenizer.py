@@ -167,81 +167,70 @@ def _to_global(host_batch, mesh):
 def run(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    _check_batch(config, mesh)
+    mesh_lib.check_batch_sizes(
+        mesh,
+        {
+            "data.global_batch_size": config.data.global_batch_size,
+            "eval.batch_size": config.eval.batch_size,
+        },
+    )
     model_fn = model_fn_from_config(config)
     optimizer = optimizer_from_config(config)
     ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-    if True:
-        model_def, state, shardings = ts.restore_or_init(
-            model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
-        )
-        batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}
-        train_step = jax.jit(
-            make_train_step(model_def, optimizer, config.loss.to_dict()),
-            in_shardings=(shardings, batch_sh),
-            out_shardings=(shardings, mesh_lib.replicated(mesh)),
-            donate_argnums=(0,),
-        )
-        eval_step = jax.jit(
-            make_eval_step(model_def),
-            in_shardings=(shardings.params, shardings.model_state, batch_sh),
-        )
-        vocab = nnx.eval_shape(model_fn).vocab
-        eval_fn = functools.partial(
-            evaluate,
-            config,
-            model_def,
-            eval_step=eval_step,
+    model_def, state, shardings = ts.restore_or_init(
+        model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
+    )
+    batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}
+    train_step = ts.compile_train_step(
+        make_train_step(model_def, optimizer, config.loss.to_dict()), shardings, batch_sh, mesh
+    )
+    eval_step = jax.jit(
+        make_eval_step(model_def),
+        in_shardings=(shardings.params, shardings.model_state, batch_sh),
+    )
+    eval_fn = functools.partial(
+        evaluate,
+        config,
+        model_def,
+        eval_step=eval_step,
+        mesh=mesh,
+        workdir=workdir,
+        vocab=nnx.eval_shape(model_fn).vocab,
+    )
+    batches = data.batches(
+        config.data.train,
+        split=config.data.train_split,
+        image_size=config.data.image_size,
+        global_batch_size=config.data.global_batch_size,
+        train=True,
+        seed=config.seed,
+        data_dir=config.data.data_dir or None,
+        start_step=int(state.step),
+    )
+    writer = loop.MetricWriter(workdir)
+    try:
+        state, train_metrics, stopped = loop.train(
+            state=state,
+            step_fn=lambda s, b: train_step(s, {"image": b["image"]}),
+            batches=batches,
             mesh=mesh,
-            workdir=workdir,
-            vocab=vocab,
+            num_steps=config.num_steps,
+            writer=writer,
+            ckpt_manager=ckpt,
+            config_dict=config.to_dict(),
+            log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
+            eval_every=config.eval_every,
+            evaluate=lambda s, step: eval_fn(state=s, step=step),
         )
-        batches = data.batches(
-            config.data.train,
-            split=config.data.train_split,
-            image_size=config.data.image_size,
-            global_batch_size=config.data.global_batch_size,
-            train=True,
-            seed=config.seed,
-            data_dir=config.data.data_dir or None,
-            start_step=int(state.step),
-        )
-        writer = loop.MetricWriter(workdir)
-        try:
-            state, train_metrics, stopped = loop.train(
-                state=state,
-                step_fn=lambda s, b: train_step(s, {"image": b["image"]}),
-                batches=batches,
-                mesh=mesh,
-                num_steps=config.num_steps,
-                writer=writer,
-                ckpt_manager=ckpt,
-                config_dict=config.to_dict(),
-                log_every=config.log_every,
-                checkpoint_every=config.checkpoint_every,
-                eval_every=config.eval_every,
-                evaluate=lambda s, step: eval_fn(state=s, step=step),
-            )
-            if stopped:
-                return {"step": int(state.step), "stopped_early": True, **train_metrics}
-            final = eval_fn(state=state, step=int(state.step))
-            writer.write(int(state.step), final, prefix="final/")
-        finally:
-            writer.close()
-            ckpt.close()
+        if stopped:
+            return {"step": int(state.step), "stopped_early": True, **train_metrics}
+        final = eval_fn(state=state, step=int(state.step))
+        writer.write(int(state.step), final, prefix="final/")
+    finally:
+        writer.close()
+        ckpt.close()
     return {"step": int(state.step), **train_metrics, **{f"eval/{k}": v for k, v in final.items()}}
-
-
-def _check_batch(config, mesh):
-    parallel = mesh_lib.batch_parallelism(mesh)
-    for name, size in (
-        ("data.global_batch_size", config.data.global_batch_size),
-        ("eval.batch_size", config.eval.batch_size),
-    ):
-        if size % parallel:
-            raise ValueError(
-                f"config.{name}={size} must be a multiple of the data x fsdp mesh size {parallel}"
-            )
 
 
 @dataclasses.dataclass

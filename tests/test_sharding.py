@@ -20,11 +20,11 @@ def _setup(mesh):
     model_def, _, shardings = ts.state_shardings(model_fn, optimizer, mesh, rules)
     state = ts.init_state(model_fn, optimizer, shardings)
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}
-    step = jax.jit(
+    step = ts.compile_train_step(
         train_tokenizer.make_train_step(model_def, optimizer, config.loss.to_dict()),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
+        shardings,
+        batch_sh,
+        mesh,
     )
     return state, step, batch_sh
 
