@@ -150,7 +150,8 @@ def train(
             if save:
                 checkpoint.save(ckpt_manager, step, state, config_dict, force=stop)
                 last_saved = step
-            if evaluate is not None and eval_every and step % eval_every == 0:
+            # The final evaluation is the job's: skip the periodic one at the last step.
+            if evaluate is not None and eval_every and step % eval_every == 0 and step < num_steps:
                 writer.write(step, evaluate(state, step), prefix="eval/")
             if stop:
                 break
