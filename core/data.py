@@ -299,3 +299,34 @@ def batches(
         prefetch=prefetch,
         max_upscale=max_upscale,
     )
+
+
+def training_batches(config, *, start_step: int) -> BatchIterator:
+    """A training job's train stream: config.data.{train, train_split, image_size,
+    global_batch_size, data_dir} and config.seed, resumed at `start_step`."""
+    d = config.data
+    return batches(
+        d.train,
+        split=d.train_split,
+        image_size=d.image_size,
+        global_batch_size=d.global_batch_size,
+        train=True,
+        seed=config.seed,
+        data_dir=d.data_dir or None,
+        start_step=start_step,
+    )
+
+
+def held_out_batches(config) -> BatchIterator:
+    """A training job's evaluation pass: config.data.{eval, eval_split} in batches of
+    config.eval.batch_size (one pass, 'mask' marks padding)."""
+    d = config.data
+    return batches(
+        d.eval,
+        split=d.eval_split,
+        image_size=d.image_size,
+        global_batch_size=config.eval.batch_size,
+        train=False,
+        seed=config.seed,
+        data_dir=d.data_dir or None,
+    )

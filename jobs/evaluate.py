@@ -294,15 +294,7 @@ def training_rfid(config, reconstruct, mesh) -> float:
         seed=config.seed,
         need_pool=False,
     )
-    batches = data.batches(
-        d.eval,
-        split=d.eval_split,
-        image_size=d.image_size,
-        global_batch_size=config.eval.batch_size,
-        train=False,
-        seed=config.seed,
-        data_dir=d.data_dir or None,
-    )
+    batches = data.held_out_batches(config)
     out = reconstruction_pass(
         reconstruct,
         batches,

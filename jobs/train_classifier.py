@@ -66,14 +66,7 @@ def make_train_step(model_def: ts.ModelDef, optimizer):
 def test_accuracy(config, model: ShapesClassifier, mesh) -> float:
     """Accuracy on the first config.eval.num_examples images of the held-out split."""
     apply = metrics.ShardedApply(model, lambda m, x: m(x).argmax(-1), mesh)
-    batches = data.batches(
-        config.data.eval,
-        split=config.data.eval_split,
-        image_size=config.data.image_size,
-        global_batch_size=config.eval.batch_size,
-        train=False,
-        seed=config.seed,
-    )
+    batches = data.held_out_batches(config)
     correct = seen = 0
     for batch in batches:
         predictions = apply(batch["image"])  # The whole global batch, on every process.
@@ -108,16 +101,7 @@ def run(config, workdir: str) -> dict:
     train_step = ts.compile_train_step(
         make_train_step(model_def, optimizer), shardings, batch_sh, mesh
     )
-    batches = data.batches(
-        config.data.train,
-        split=config.data.train_split,
-        image_size=config.data.image_size,
-        global_batch_size=config.data.global_batch_size,
-        train=True,
-        seed=config.seed,
-        data_dir=config.data.data_dir or None,
-        start_step=int(state.step),
-    )
+    batches = data.training_batches(config, start_step=int(state.step))
     writer = loop.MetricWriter(workdir)
     try:
         state, train_metrics, stopped = loop.train(

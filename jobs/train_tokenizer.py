@@ -97,15 +97,7 @@ def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, vocab)
     """Reconstructs up to config.eval.num_examples held-out images; returns mean metrics."""
     psnrs, ssims = [], []
     stats = metrics.CodebookStats(vocab.size, vocab)
-    batches = data.batches(
-        config.data.eval,
-        split=config.data.eval_split,
-        image_size=config.data.image_size,
-        global_batch_size=config.eval.batch_size,
-        train=False,
-        seed=config.seed,
-        data_dir=config.data.data_dir or None,
-    )
+    batches = data.held_out_batches(config)
     seen = 0
     for host_batch in batches:
         if seen >= config.eval.num_examples:
@@ -197,16 +189,7 @@ def run(config, workdir: str) -> dict:
         workdir=workdir,
         vocab=nnx.eval_shape(model_fn).vocab,
     )
-    batches = data.batches(
-        config.data.train,
-        split=config.data.train_split,
-        image_size=config.data.image_size,
-        global_batch_size=config.data.global_batch_size,
-        train=True,
-        seed=config.seed,
-        data_dir=config.data.data_dir or None,
-        start_step=int(state.step),
-    )
+    batches = data.training_batches(config, start_step=int(state.step))
     writer = loop.MetricWriter(workdir)
     try:
         state, train_metrics, stopped = loop.train(
