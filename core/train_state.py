@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
@@ -125,3 +127,20 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return params, opt_state
+
+
+def restore_run(workdir: str, model_fn_from_config, optimizer_from_config, *, mesh=None, step=None):
+    """Rebuilds a finished run from its saved config and restores its state onto `mesh`.
+
+    Returns (config, step, ModelDef, TrainState, shardings); mesh defaults to the run's own.
+    """
+    step, saved = checkpoint.read_config(workdir, step)
+    config = ml_collections.ConfigDict(saved)
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    model_def, abstract, shardings = state_shardings(
+        model_fn_from_config(config), optimizer_from_config(config), mesh, rules
+    )
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+    state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), target, step=step)
+    return config, step, model_def, state, shardings

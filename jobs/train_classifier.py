@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -133,16 +131,9 @@ def run(config, workdir: str) -> dict:
 
 def load_classifier(workdir: str, mesh=None) -> ShapesClassifier:
     """The trained classifier of `workdir` (its saved config rebuilds the model)."""
-    step, saved = checkpoint.read_config(workdir)
-    config = ml_collections.ConfigDict(saved)
-    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    model_fn = model_fn_from_config(config)
-    model_def, abstract, shardings = ts.state_shardings(
-        model_fn, optimizer_from_config(config), mesh, rules
+    _, _, model_def, state, _ = ts.restore_run(
+        workdir, model_fn_from_config, optimizer_from_config, mesh=mesh
     )
-    target = checkpoint.abstract_with_shardings(abstract, shardings)
-    state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), target, step=step)
     return model_def.merge(state.params, state.model_state)
 
 

@@ -237,14 +237,7 @@ class TrainedTokenizer:
 
 def load_tokenizer(workdir: str, mesh=None, step: int | None = None) -> TrainedTokenizer:
     """Restores the tokenizer of a training run (its saved config rebuilds the model)."""
-    step, saved = checkpoint.read_config(workdir, step)
-    config = ml_collections.ConfigDict(saved)
-    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    model_fn = model_fn_from_config(config)
-    model_def, abstract, shardings = ts.state_shardings(
-        model_fn, optimizer_from_config(config), mesh, rules
+    config, step, model_def, state, shardings = ts.restore_run(
+        workdir, model_fn_from_config, optimizer_from_config, mesh=mesh, step=step
     )
-    target = checkpoint.abstract_with_shardings(abstract, shardings)
-    state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints"), target, step=step)
     return TrainedTokenizer(config, step, model_def, state.params, state.model_state, shardings)
