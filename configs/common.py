@@ -31,19 +31,56 @@ def tokenizer_base() -> ConfigDict:
                 fid_num_examples=10_000,
                 fid_inception_weights="",  # '' = $TOKENIZERS_CACHE (see core/weights.py)
             ),
-            loss=dict(l2_weight=1.0, l1_weight=0.0),
-            # LlamaGen VQ tokenizer: Adam(0.9, 0.95), lr 1e-4, weight decay 0.05, constant lr.
+            # Pixel loss only; each config turns on its recipe (tokenizers/training.py LossConfig).
+            loss=dict(
+                l2_weight=1.0,
+                l1_weight=0.0,
+                perceptual_weight=0.0,  # LPIPS; needs the VGG16 + LPIPS weight files
+                lpips_vgg16="",  # '' = $TOKENIZERS_CACHE (core/weights.py)
+                lpips_weights="",
+                adversarial_weight=0.0,  # > 0 trains a discriminator beside the tokenizer
+                gan_loss="non_saturating",  # or 'hinge'
+                discriminator_start=0,
+                discriminator_loss_scale=1.0,
+                adaptive_weight=False,
+                adaptive_weight_max=1e4,
+                r1_cost=0.0,
+                r1_every=1,
+                lecam_weight=0.0,
+                lecam_decay=0.999,
+            ),
+            # LlamaGen VQ tokenizer (tokenizer/tokenizer_image/vq_train.py): torch Adam
+            # (0.9, 0.95), lr 1e-4, constant, grad-norm clip 1.0; its --weight-decay 0.05 is
+            # never passed to the optimizer, so no weight decay.
             optimizer=dict(
-                name="adamw",
+                name="adam",
                 lr=1e-4,
                 b1=0.9,
                 b2=0.95,
-                weight_decay=0.05,
+                weight_decay=0.0,
                 grad_clip_norm=1.0,
                 schedule="constant",
                 warmup_steps=0,
                 end_lr_fraction=0.0,
             ),
+            # Used when loss.adversarial_weight > 0; kwargs per kind, picked by `name`.
+            discriminator=dict(
+                name="stylegan",
+                stylegan=dict(channel_multiplier=1, blur_resample=True),  # MaskGIT
+                patchgan=dict(base_channels=64, n_layers=3, norm="batch"),  # taming / LlamaGen
+            ),
+            discriminator_optimizer=dict(
+                name="adam",
+                lr=1e-4,
+                b1=0.9,
+                b2=0.95,
+                weight_decay=0.0,
+                grad_clip_norm=1.0,
+                schedule="constant",
+                warmup_steps=0,
+                end_lr_fraction=0.0,
+            ),
+            ema_decay=0.0,  # > 0 keeps an EMA of the tokenizer's params (used for eval/export)
             log_every=100,
             checkpoint_every=5_000,
             keep_checkpoints=3,
@@ -92,7 +129,21 @@ def shrink_to_tiny(config: ConfigDict) -> None:
     )
     config.eval.update(batch_size=64, num_examples=512)
     config.optimizer.update(lr=2e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0)
+    config.discriminator_optimizer.update(lr=2e-3, schedule="cosine", warmup_steps=50)
     config.update(log_every=50, checkpoint_every=200, eval_every=0)
+
+
+def shrink_recipe_to_tiny(config: ConfigDict) -> None:
+    """The GAN recipe at CPU size: no LPIPS (its weights are a download), a small PatchGAN
+    from step 300 with lazy R1, an EMA window of ~100 steps."""
+    config.loss.update(perceptual_weight=0.0, discriminator_start=300, r1_every=4)
+    config.discriminator.name = "patchgan"
+    config.discriminator.patchgan.update(base_channels=16, n_layers=2)
+    # Adam (0.9, 0.95) with clipping: at lr 2e-3, beta1 = 0 (MaskGIT) trains poorly here.
+    adam = dict(b1=0.9, b2=0.95, grad_clip_norm=1.0)
+    config.optimizer.update(adam)
+    config.discriminator_optimizer.update(adam)
+    config.ema_decay = 0.99
 
 
 def binary_quantizer(name: str = "lfq", bits: int = 18, **overrides) -> ConfigDict:

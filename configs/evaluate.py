@@ -24,8 +24,9 @@ def get_config(arg=None):
             mode="tokenizer",  # 'tokenizer' or 'samples'
             seed=0,
             metrics=("fid", "psnr", "ssim", "lpips", "usage"),
-            # (a) A tokenizer training run: its workdir, and the checkpoint step (-1: latest).
-            tokenizer=dict(workdir="", step=-1),
+            # (a) A tokenizer training run: its workdir, and the checkpoint step (-1: latest);
+            # use_ema: its EMA weights when the run kept them.
+            tokenizer=dict(workdir="", step=-1, use_ema=True),
             # Images to reconstruct; '' / 0 take the tokenizer run's eval data, split and size.
             data=dict(spec="", split="", data_dir="", image_size=0, batch_size=64),
             num_examples=50_000,  # ImageNet val has 50,000 images: the usual rFID set.

@@ -89,6 +89,51 @@ def restore(mngr_or_dir, abstract_state, step: int | None = None):
     return restored.state, restored.config
 
 
+def restore_parts(directory: str, parts: dict, step: int | None = None, optional=("ema_params",)):
+    """Reads some top-level entries of a saved train state (e.g. params without optimizer).
+
+    `directory` is a workdir or its checkpoints folder; `parts` maps entry names to abstract
+    targets carrying shardings. Entries named in `optional` are skipped when the checkpoint
+    lacks them. Returns {'step': step, **restored parts}, or None when there is no checkpoint.
+    """
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        directory = os.path.join(directory, "checkpoints")
+    # The pytree handler reads what StandardCheckpointHandler wrote and allows a partial read.
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_handlers=handlers
+    ) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            return None
+        saved = mngr.item_metadata(step).state
+        present = {k: v for k, v in parts.items() if saved.get(k) is not None}
+        missing = [
+            k for k in parts if k not in present and k not in optional and jax.tree.leaves(parts[k])
+        ]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint step {step} in {directory} has no {missing}; it was not written by "
+                "a training run of this codebase"
+            )
+        present = {k: v for k, v in present.items() if jax.tree.leaves(v)}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape), present
+        )
+        args = ocp.args.PyTreeRestore(present, restore_args=restore_args, partial_restore=True)
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(state=args)).state
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"checkpoint step {step} in {directory} does not match this model "
+                f"({type(err).__name__}: {err}). Use the config that wrote it."
+            ) from err
+    result = {k: v for k, v in parts.items() if k not in optional and not jax.tree.leaves(v)}
+    result.update(restored)
+    return {"step": step, **result}
+
+
 def abstract_with_shardings(state, shardings):
     """ShapeDtypeStructs carrying the target shardings, for orbax restore."""
     return jax.tree.map(

@@ -52,44 +52,17 @@ class Restored:
 def restore(workdir: str, mesh, step: int | None = None, use_ema: bool = True) -> Restored:
     """Restores a tokenizer run onto `mesh`, preferring EMA weights when asked and present.
 
-    EMA weights come from `TrainedTokenizer.ema_params` when the loader provides them, else
-    straight from the checkpoint's `ema_params` entry when it has one.
+    The EMA weights are the checkpoint's `ema_params` (`TrainedTokenizer.ema_params`).
     """
     from jobs.train_tokenizer import load_tokenizer  # Lazy: jobs import core, not the reverse.
 
     tokenizer = load_tokenizer(workdir, mesh=mesh, step=step)
-    ema = getattr(tokenizer, "ema_params", None) if use_ema else None
-    if use_ema and ema is None:
-        ema = _restore_ema(workdir, tokenizer)
+    ema = tokenizer.ema_params if use_ema else None
     path = os.path.abspath(workdir)
     if ema is not None:
         logging.info("tokenizer: EMA weights of %s step %d", workdir, tokenizer.step)
         return Restored(tokenizer, ema, "ema", path)
     return Restored(tokenizer, tokenizer.params, "params", path)
-
-
-def _restore_ema(workdir: str, tokenizer):
-    """The checkpoint's `ema_params` placed like `params`, or None when it has none."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    # The pytree handler reads what StandardCheckpointHandler wrote and allows a partial read.
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as mngr:
-        if "ema_params" not in mngr.item_metadata(tokenizer.step).state:
-            return None
-        target = {"ema_params": jax.tree.map(_abstract, tokenizer.params)}
-        restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape), target
-        )
-        args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
-        restored = mngr.restore(tokenizer.step, args=ocp.args.Composite(state=args))
-    return restored.state["ema_params"]
-
-
-def _abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
 def compile_encode(tok: Restored, mesh, global_batch: int, image_size: int):

@@ -116,7 +116,11 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         train_tokenizer.make_eval_step(tok.model_def),
         in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
     )
-    reconstruct = lambda batch: eval_step(tok.params, tok.model_state, batch)  # noqa: E731
+    params = tok.params
+    if config.tokenizer.use_ema and tok.ema_params is not None:
+        logging.info("evaluating the EMA weights of %s", config.tokenizer.workdir)
+        params = tok.ema_params
+    reconstruct = lambda batch: eval_step(params, tok.model_state, batch)  # noqa: E731
     vocab = nnx.eval_shape(train_tokenizer.model_fn_from_config(tok.config)).vocab
     fid = None
     if "fid" in wanted:

@@ -131,9 +131,7 @@ def run(config, workdir: str) -> dict:
 
 def load_classifier(workdir: str, mesh=None) -> ShapesClassifier:
     """The trained classifier of `workdir` (its saved config rebuilds the model)."""
-    _, _, model_def, state, _ = ts.restore_run(
-        workdir, model_fn_from_config, optimizer_from_config, mesh=mesh
-    )
+    _, _, model_def, state, _ = ts.restore_run(workdir, model_fn_from_config, mesh=mesh)
     return model_def.merge(state.params, state.model_state)
 
 

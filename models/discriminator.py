@@ -204,3 +204,16 @@ class PatchGANDiscriminator(nnx.Module):
                 x = self.norms[i](x)
             x = leaky_relu(x)
         return self.out(x).astype(jnp.float32)
+
+
+DISCRIMINATORS = {"stylegan": StyleGANDiscriminator, "patchgan": PatchGANDiscriminator}
+
+
+def build_discriminator(*, name: str, image_size: int, seed: int = 0, dtype=jnp.float32, **kwargs):
+    """A discriminator by name ('stylegan' or 'patchgan') from its constructor kwargs."""
+    if name not in DISCRIMINATORS:
+        raise ValueError(
+            f"discriminator.name {name!r} is unknown; choose one of {sorted(DISCRIMINATORS)}"
+        )
+    rngs = nnx.Rngs(params=seed)
+    return DISCRIMINATORS[name](image_size=image_size, dtype=dtype, rngs=rngs, **kwargs)

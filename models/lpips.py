@@ -37,7 +37,9 @@ def _torchvision_indices() -> list[int]:
 class LPIPS(nnx.Module):
     """`lpips(x, y) -> [B]` distances for float NHWC images in [-1, 1]."""
 
-    def __init__(self):
+    def __init__(self, precision=PRECISION):
+        # Training losses may pass jax.lax.Precision.DEFAULT (bf16 passes on TPU/GPU).
+        self.precision = precision
         kernels, biases, cin = [], [], 3
         for stage in STAGES:
             for cout in stage:
@@ -62,7 +64,7 @@ class LPIPS(nnx.Module):
                     (1, 1),
                     ((1, 1), (1, 1)),
                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                    precision=PRECISION,
+                    precision=self.precision,
                 )
                 x = jax.nn.relu(x + self.biases[k][...])
                 k += 1
@@ -78,14 +80,16 @@ class LPIPS(nnx.Module):
             feats = feats / (jnp.sqrt(jnp.sum(feats**2, -1, keepdims=True)) + 1e-10)
             diff = (feats[:batch] - feats[batch:]) ** 2
             total += jnp.mean(
-                jnp.einsum("bhwc,c->bhw", diff, lin[...], precision=PRECISION), (1, 2)
+                jnp.einsum("bhwc,c->bhw", diff, lin[...], precision=self.precision), (1, 2)
             )
         return total
 
 
-def from_torch_states(vgg: dict, lins: dict, what: str = "LPIPS weights") -> LPIPS:
+def from_torch_states(
+    vgg: dict, lins: dict, what: str = "LPIPS weights", precision=PRECISION
+) -> LPIPS:
     """Builds LPIPS from torchvision's vgg16 state dict and the lpips `vgg.pth` state dict."""
-    model = LPIPS()
+    model = LPIPS(precision)
     cin = 3
     convs = [c for stage in STAGES for c in stage]
     for k, (index, cout) in enumerate(zip(_torchvision_indices(), convs, strict=True)):
@@ -100,11 +104,13 @@ def from_torch_states(vgg: dict, lins: dict, what: str = "LPIPS weights") -> LPI
     return model
 
 
-def load_lpips(vgg_path: str | None = None, lpips_path: str | None = None) -> tuple[LPIPS, dict]:
+def load_lpips(
+    vgg_path: str | None = None, lpips_path: str | None = None, precision=PRECISION
+) -> tuple[LPIPS, dict]:
     """(model, {'vgg16': path, 'lpips': path}) from explicit files or the weights cache."""
     vgg_file = weights_lib.fetch(weights_lib.VGG16, vgg_path or None)
     lin_file = weights_lib.fetch(weights_lib.LPIPS_VGG, lpips_path or None)
     vgg = weights_lib.flatten_state_dict(weights_lib.load_pth(vgg_file))
     lins = weights_lib.flatten_state_dict(weights_lib.load_pth(lin_file))
-    model = from_torch_states(vgg, lins, f"LPIPS weights {vgg_file}, {lin_file}")
+    model = from_torch_states(vgg, lins, f"LPIPS weights {vgg_file}, {lin_file}", precision)
     return model, {"vgg16": vgg_file, "lpips": lin_file}

@@ -289,14 +289,17 @@ def test_ema_weights_offset_and_delimiters(tokenizer_dir, loaded, tmp_path, monk
 
 
 def test_ema_params_are_read_from_a_checkpoint_that_has_them(tokenizer_dir, loaded, tmp_path):
-    assert tt._restore_ema(tokenizer_dir, loaded) is None  # this run keeps no EMA
+    assert loaded.ema_params is None  # this run keeps no EMA
     step, raw = checkpoint.load_raw(tokenizer_dir)
+    _, config = checkpoint.read_config(tokenizer_dir)
     ema = jax.tree.map(lambda x: np.asarray(x) + 1.0, raw["params"])
     mngr = checkpoint.manager(str(tmp_path), keep=1, async_save=False)
-    checkpoint.save(mngr, step, {**raw, "ema_params": ema}, {"note": "test"})
+    checkpoint.save(mngr, step, {**raw, "ema_params": ema}, config)
     mngr.wait_until_finished()
     mngr.close()
-    restored = tt._restore_ema(str(tmp_path), loaded)
+    restored = train_tokenizer.load_tokenizer(str(tmp_path), mesh=loaded.shardings.step.mesh)
+    assert tt.restore(str(tmp_path), restored.shardings.step.mesh).weights == "ema"
+    restored = restored.ema_params
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ema), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(loaded.params), strict=True):

@@ -25,7 +25,7 @@ def reconstruction_losses(images, reconstructions, *, l1_weight: float, l2_weigh
 GAN_LOSSES = ("non_saturating", "hinge")
 
 
-def _check_gan_loss(kind: str):
+def check_gan_loss(kind: str):
     if kind not in GAN_LOSSES:
         raise ValueError(f"loss.gan_loss {kind!r} is unknown; choose one of {GAN_LOSSES}")
 
@@ -33,7 +33,7 @@ def _check_gan_loss(kind: str):
 def discriminator_loss(real, fake, kind: str):
     """Non-saturating: softplus(-D(x)) + softplus(D(G(z)));
     hinge: relu(1 - D(x)) + relu(1 + D(G(z)))."""
-    _check_gan_loss(kind)
+    check_gan_loss(kind)
     real, fake = real.astype(jnp.float32), fake.astype(jnp.float32)
     if kind == "hinge":
         return jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake))
@@ -42,7 +42,7 @@ def discriminator_loss(real, fake, kind: str):
 
 def generator_loss(fake, kind: str):
     """Non-saturating: softplus(-D(G(z))) (= -log sigmoid); hinge: -D(G(z))."""
-    _check_gan_loss(kind)
+    check_gan_loss(kind)
     fake = fake.astype(jnp.float32)
     if kind == "hinge":
         return -jnp.mean(fake)

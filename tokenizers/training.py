@@ -1,0 +1,245 @@
+"""The tokenizer train step: pixel, perceptual, quantizer and adversarial losses, generator EMA
+and the discriminator update, all in one jitted call.
+
+In order, one step
+1. updates the tokenizer (the generator) on pixel + perceptual (LPIPS) + quantizer terms, plus
+   the adversarial term from `discriminator_start` on (optionally with taming-transformers'
+   adaptive weight);
+2. moves its EMA: ema = decay * ema + (1 - decay) * params (when the state keeps one);
+3. updates the discriminator on the same batch: real images against the reconstructions of
+   step 1 (non-saturating or hinge), plus LeCam and a lazy R1 penalty every `r1_every` steps
+   (scaled by `r1_every`, as StyleGAN2's lazy regularisation). Before `discriminator_start`
+   the discriminator, its optimizer and the LeCam EMAs stay as they are.
+
+The generator's backward pass is a single vjp: the gradients of the pixel/perceptual terms and
+of the adversarial term with respect to the reconstruction are combined, then pulled back
+through the tokenizer once. The adaptive weight pulls each of the two back separately too, but
+only the decoder's output kernel of those is used, so XLA keeps only that last layer's part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from core import train_state as ts
+from core.images import to_model
+from models.conv import ConvDecoder
+from models.vit import ViTDecoder
+from tokenizers import losses
+
+# The decoder layer whose gradients set the adaptive generator weight (taming: `last_layer`).
+OUTPUT_LAYERS = {ViTDecoder: "to_pixels", ConvDecoder: "conv_out"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """config.loss: weights of every tokenizer training term (0 leaves a term out)."""
+
+    l2_weight: float = 1.0
+    l1_weight: float = 0.0
+    perceptual_weight: float = 0.0  # LPIPS (VGG16), weights from lpips_vgg16 / lpips_weights
+    lpips_vgg16: str = ""  # '' = the weights cache (core/weights.py)
+    lpips_weights: str = ""
+    adversarial_weight: float = 0.0  # generator's adversarial weight; 0 = no discriminator
+    gan_loss: str = "non_saturating"  # or 'hinge'
+    discriminator_start: int = 0  # step from which the adversarial terms are on
+    discriminator_loss_scale: float = 1.0  # multiplies D's real + fake loss
+    adaptive_weight: bool = False  # taming-transformers' ||grad rec|| / ||grad gan||
+    adaptive_weight_max: float = 1e4
+    r1_cost: float = 0.0  # R1 weight on E ||grad_x D(x)||^2 (MaskGIT: grad_penalty_cost)
+    r1_every: int = 1  # lazy R1: every k steps, scaled by k
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999  # EMA of the mean real / fake logits
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LossConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.loss has unknown keys {unknown}; known: {sorted(known)}")
+        config = cls(**values)
+        losses.check_gan_loss(config.gan_loss)
+        if config.r1_every < 1:
+            raise ValueError(f"loss.r1_every must be >= 1, got {config.r1_every}")
+        return config
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.adversarial_weight > 0
+
+
+def output_kernel_path(model) -> tuple[str, ...]:
+    """Path of the decoder's output kernel in the params tree (for the adaptive weight)."""
+    for cls, name in OUTPUT_LAYERS.items():
+        if isinstance(model.decoder, cls):
+            return ("decoder", name, "kernel")
+    raise ValueError(
+        f"loss.adaptive_weight needs the decoder's output layer; {type(model.decoder).__name__} "
+        f"is not in tokenizers/training.py OUTPUT_LAYERS"
+    )
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _apply(model_def: ts.ModelDef, params, model_state, x):
+    """Calls a merged module on x; returns (output, its variables after the call)."""
+    model = model_def.merge(params, model_state)
+    return model(x), ts.model_state_of(model)
+
+
+def make_train_step(
+    model_def: ts.ModelDef,
+    optimizer: optax.GradientTransformation,
+    loss_config: dict,
+    *,
+    discriminator_optimizer: optax.GradientTransformation | None = None,
+    ema_decay: float = 0.0,
+    lpips_def=None,
+    adaptive_path: tuple[str, ...] | None = None,
+):
+    """train_step(state, batch, frozen) -> (state, metrics); `frozen` holds fixed networks'
+    weights passed as arguments rather than baked into the program ({'lpips': params} or {}).
+
+    lpips_def: graphdef of models.lpips.LPIPS (needed when perceptual_weight > 0).
+    adaptive_path: `output_kernel_path(model)` (needed when loss.adaptive_weight).
+    """
+    cfg = LossConfig.from_dict(loss_config)
+    if cfg.perceptual_weight and lpips_def is None:
+        raise ValueError("loss.perceptual_weight > 0 needs the LPIPS network (lpips_def)")
+    if cfg.uses_discriminator and discriminator_optimizer is None:
+        raise ValueError("loss.adversarial_weight > 0 needs a discriminator optimizer")
+
+    def pixel_terms(images, reconstructions, frozen):
+        terms = losses.reconstruction_losses(
+            images, reconstructions, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight
+        )
+        if cfg.perceptual_weight:
+            lpips = nnx.merge(lpips_def, frozen["lpips"])
+            terms["perceptual"] = cfg.perceptual_weight * jnp.mean(lpips(images, reconstructions))
+        return sum(terms.values()), terms
+
+    def generator_update(state, images, frozen, gan_on):
+        def forward(params):
+            model = model_def.merge(params, state.model_state)
+            reconstructions, quantized = model(images, train=True)
+            quantizer_total = sum(quantized.losses.values(), jnp.zeros((), jnp.float32))
+            aux = (quantized.losses, quantized.stats, ts.model_state_of(model))
+            return (reconstructions, quantizer_total), aux
+
+        (recon, quantizer_total), pull_back, aux = jax.vjp(forward, state.params, has_aux=True)
+        quantizer_terms, stats, model_state = aux
+        (pixel_total, terms), pixel_grad = jax.value_and_grad(pixel_terms, 1, has_aux=True)(
+            images, recon, frozen
+        )
+        cotangent, logged = pixel_grad, {}
+        if cfg.uses_discriminator:
+            disc = state.discriminator
+
+            def adversarial(r):
+                logits, _ = _apply(model_def.discriminator, disc.params, disc.model_state, r)
+                return losses.generator_loss(logits, cfg.gan_loss)
+
+            def active():
+                gan_value, gan_grad = jax.value_and_grad(adversarial)(recon)
+                adaptive = jnp.ones((), jnp.float32)
+                if cfg.adaptive_weight:
+
+                    def last_layer(g):
+                        zero = jnp.zeros_like(quantizer_total)
+                        return _at(pull_back((g, zero))[0], adaptive_path)
+
+                    adaptive = losses.adaptive_generator_weight(
+                        last_layer(pixel_grad),
+                        last_layer(gan_grad),
+                        max_weight=cfg.adaptive_weight_max,
+                    )
+                weight = cfg.adversarial_weight * adaptive
+                return weight * gan_grad, weight * gan_value, adaptive
+
+            # Before discriminator_start the adversarial term is skipped, not just zeroed.
+            gan_grad, terms["adversarial"], adaptive = jax.lax.cond(
+                gan_on, active, lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(active))
+            )
+            cotangent = pixel_grad + gan_grad
+            if cfg.adaptive_weight:
+                logged["gan/adaptive_weight"] = adaptive
+        (grads,) = pull_back((cotangent, jnp.ones_like(quantizer_total)))
+        params, opt_state = ts.apply_gradients(optimizer, state, grads)
+        terms.update(quantizer_terms)
+        logged.update({f"loss/{k}": v for k, v in terms.items()})
+        logged.update({f"quantizer/{k}": v for k, v in stats.items()})
+        logged["loss"] = pixel_total + quantizer_total + terms.get("adversarial", 0.0)
+        logged["grad_norm"] = optax.global_norm(grads)
+        state = state.replace(params=params, model_state=model_state, opt_state=opt_state)
+        return state, jax.lax.stop_gradient(recon), logged
+
+    def discriminator_loss(d_params, disc, images, fakes, step):
+        d_def = model_def.discriminator
+        real, d_state = _apply(d_def, d_params, disc.model_state, images)
+        fake, d_state = _apply(d_def, d_params, d_state, fakes)
+        terms = {
+            "discriminator": cfg.discriminator_loss_scale
+            * losses.discriminator_loss(real, fake, cfg.gan_loss)
+        }
+        if cfg.lecam_weight:
+            terms["lecam"] = cfg.lecam_weight * losses.lecam_penalty(
+                real, fake, disc.lecam["real"], disc.lecam["fake"]
+            )
+        if cfg.r1_cost:
+
+            def r1():
+                # A fresh module per call: BatchNorm updates stay inside this branch.
+                return losses.r1_penalty(
+                    lambda x: _apply(d_def, d_params, disc.model_state, x)[0], images
+                )
+
+            due = step % cfg.r1_every == 0
+            penalty = jax.lax.cond(due, r1, lambda: jnp.zeros((), jnp.float32))
+            terms["r1"] = cfg.r1_cost * cfg.r1_every * penalty
+        means = {"real": jnp.mean(real), "fake": jnp.mean(fake)}
+        return sum(terms.values()), (terms, d_state, means)
+
+    def discriminator_update(disc, images, fakes, step):
+        grad_fn = jax.value_and_grad(discriminator_loss, has_aux=True)
+        (_, (terms, d_state, means)), grads = grad_fn(disc.params, disc, images, fakes, step)
+        updates, opt_state = discriminator_optimizer.update(grads, disc.opt_state, disc.params)
+        params = optax.apply_updates(disc.params, updates)
+        lecam = {
+            k: cfg.lecam_decay * disc.lecam[k] + (1 - cfg.lecam_decay) * means[k] for k in means
+        }
+        new = disc.replace(params=params, model_state=d_state, opt_state=opt_state, lecam=lecam)
+        logged = {f"loss/{k}": v for k, v in terms.items()}
+        logged.update({"gan/logits_real": means["real"], "gan/logits_fake": means["fake"]})
+        return new, logged
+
+    def train_step(state: ts.TrainState, batch, frozen=None):
+        images = to_model(batch["image"])
+        gan_on = state.step >= cfg.discriminator_start
+        new, fakes, logged = generator_update(state, images, frozen or {}, gan_on)
+        if ema_decay:
+            ema = optax.incremental_update(new.params, state.ema_params, 1.0 - ema_decay)
+            new = new.replace(ema_params=ema)
+        if cfg.uses_discriminator:
+
+            def update():
+                return discriminator_update(state.discriminator, images, fakes, state.step)
+
+            def keep():  # Before discriminator_start: no update, zeros logged.
+                logged = jax.tree.map(jnp.zeros_like, jax.eval_shape(update)[1])
+                return state.discriminator, logged
+
+            disc, d_logged = jax.lax.cond(gan_on, update, keep)
+            new = new.replace(discriminator=disc)
+            logged.update(d_logged, **{"gan/active": gan_on.astype(jnp.float32)})
+        return new.replace(step=state.step + 1), logged
+
+    return train_step
