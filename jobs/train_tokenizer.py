@@ -23,8 +23,11 @@ from core import checkpoint, data, loop, metrics, optim
 from core import mesh as mesh_lib
 from core import train_state as ts
 from core.images import save_grid, to_model
-from tokenizers import losses
-from tokenizers.tokenizer import build_tokenizer
+from models.discriminator import DISCRIMINATORS, build_discriminator
+from tokenizers import training
+from tokenizers.tokenizer import DTYPES, build_tokenizer
+
+make_train_step = training.make_train_step  # the step every tokenizer family trains with
 
 
 def model_fn_from_config(config):
@@ -46,35 +49,71 @@ def optimizer_from_config(config):
     return optim.make_optimizer(**config.optimizer.to_dict(), total_steps=config.num_steps)
 
 
-def make_train_step(model_def: ts.ModelDef, optimizer, loss_config: dict):
-    """The pure step: forward with quantizer state updates, losses, one optimizer update."""
-
-    def loss_fn(params, model_state, images):
-        model = model_def.merge(params, model_state)
-        reconstructions, quantized = model(images, train=True)
-        terms = losses.reconstruction_losses(images, reconstructions, **loss_config)
-        terms.update(quantized.losses)
-        total = sum(terms.values())
-        logged = {f"loss/{k}": v for k, v in terms.items()}
-        logged.update({f"quantizer/{k}": v for k, v in quantized.stats.items()})
-        return total, (logged, ts.model_state_of(model))
-
-    def train_step(state: ts.TrainState, batch):
-        images = to_model(batch["image"])
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logged, model_state)), grads = grad_fn(state.params, state.model_state, images)
-        params, opt_state = ts.apply_gradients(optimizer, state, grads)
-        logged.update(loss=loss, grad_norm=_global_norm(grads))
-        new_state = state.replace(
-            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+def discriminator_from_config(config) -> ts.Discriminator | None:
+    """The discriminator and its optimizer, or None when loss.adversarial_weight is 0."""
+    if not config.loss.adversarial_weight:
+        return None
+    name = config.discriminator.name
+    if name not in DISCRIMINATORS:
+        raise ValueError(
+            f"discriminator.name {name!r} is unknown; choose one of {sorted(DISCRIMINATORS)}"
         )
-        return new_state, logged
+    model_fn = functools.partial(
+        build_discriminator,
+        name=name,
+        image_size=config.data.image_size,
+        seed=config.seed + 1,
+        dtype=DTYPES[config.model.dtype],
+        **config.discriminator[name].to_dict(),
+    )
+    optimizer = optim.make_optimizer(
+        **config.discriminator_optimizer.to_dict(), total_steps=config.num_steps
+    )
+    return ts.Discriminator(model_fn, optimizer)
 
-    return train_step
+
+def perceptual_network(config):
+    """(LPIPS graphdef, its weights) when loss.perceptual_weight > 0, else (None, None)."""
+    if not config.loss.perceptual_weight:
+        return None, None
+    from models import lpips  # Lazy: only runs with a perceptual loss read the VGG weights.
+
+    # Default matmul precision: a training loss, unlike the LPIPS metric.
+    model, files = lpips.load_lpips(
+        config.loss.lpips_vgg16 or None,
+        config.loss.lpips_weights or None,
+        precision=jax.lax.Precision.DEFAULT,
+    )
+    logging.info("perceptual loss: LPIPS from %s", files)
+    graphdef, weights = nnx.split(model)
+    return graphdef, weights.to_pure_dict()
 
 
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+def compile_step(config, model_fn, model_def, optimizer, disc, shardings, mesh):
+    """(jitted step(state, batch, frozen), frozen weights on the mesh) for this config."""
+    lpips_def, lpips_weights = perceptual_network(config)
+    adaptive_path = None
+    if config.loss.adaptive_weight:
+        adaptive_path = training.output_kernel_path(nnx.eval_shape(model_fn))
+    step_fn = make_train_step(
+        model_def,
+        optimizer,
+        config.loss.to_dict(),
+        discriminator_optimizer=disc.optimizer if disc else None,
+        ema_decay=config.ema_decay,
+        lpips_def=lpips_def,
+        adaptive_path=adaptive_path,
+    )
+    replicated = mesh_lib.replicated(mesh)
+    frozen = jax.device_put({"lpips": lpips_weights} if lpips_weights else {}, replicated)
+    batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}
+    jitted = ts.compile_train_step(step_fn, shardings, batch_sh, mesh, extra_shardings=replicated)
+    return jitted, frozen
+
+
+def eval_params(state: ts.TrainState) -> dict:
+    """The weights evaluation, grids and export use: the EMA when the run keeps one."""
+    return state.ema_params if state.ema_params is not None else state.params
 
 
 def make_eval_step(model_def: ts.ModelDef):
@@ -102,7 +141,7 @@ def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, vocab)
     for host_batch in batches:
         if seen >= config.eval.num_examples:
             break
-        out = eval_step(state.params, state.model_state, _to_global(host_batch, mesh))
+        out = eval_step(eval_params(state), state.model_state, _to_global(host_batch, mesh))
         out = multihost_utils.process_allgather(out, tiled=True)
         mask = multihost_utils.process_allgather(host_batch["mask"], tiled=True).astype(bool)
         mask &= np.arange(len(mask)) < config.eval.num_examples - seen
@@ -145,7 +184,7 @@ def _maybe_rfid(config, state, eval_step, mesh, step) -> dict:
     from jobs import evaluate as evaluate_job  # Lazy: only runs that ask for rFID load Inception.
 
     rfid = evaluate_job.training_rfid(
-        config, lambda batch: eval_step(state.params, state.model_state, batch), mesh
+        config, lambda batch: eval_step(eval_params(state), state.model_state, batch), mesh
     )
     num = config.eval.fid_num_examples
     logging.info("eval at step %d: rFID %.3f on %d images", step, rfid, num)
@@ -169,13 +208,24 @@ def run(config, workdir: str) -> dict:
     model_fn = model_fn_from_config(config)
     optimizer = optimizer_from_config(config)
     ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    disc = discriminator_from_config(config)
+    fresh = ckpt.latest_step() is None and not config.init_from
     model_def, state, shardings = ts.restore_or_init(
-        model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
+        model_fn,
+        optimizer,
+        mesh,
+        rules,
+        ckpt_manager=ckpt,
+        init_from=config.init_from,
+        ema=config.ema_decay > 0,
+        discriminator=disc,
     )
+    if fresh and "teacher" in config:  # dual tokenizer: load the frozen teacher once
+        from models import teacher
+
+        state = teacher.init_train_state(state, config.teacher)
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}
-    train_step = ts.compile_train_step(
-        make_train_step(model_def, optimizer, config.loss.to_dict()), shardings, batch_sh, mesh
-    )
+    train_step, frozen = compile_step(config, model_fn, model_def, optimizer, disc, shardings, mesh)
     eval_step = jax.jit(
         make_eval_step(model_def),
         in_shardings=(shardings.params, shardings.model_state, batch_sh),
@@ -194,7 +244,7 @@ def run(config, workdir: str) -> dict:
     try:
         state, train_metrics, stopped = loop.train(
             state=state,
-            step_fn=lambda s, b: train_step(s, {"image": b["image"]}),
+            step_fn=lambda s, b: train_step(s, {"image": b["image"]}, frozen),
             batches=batches,
             mesh=mesh,
             num_steps=config.num_steps,
@@ -230,6 +280,7 @@ class TrainedTokenizer:
     params: dict
     model_state: dict
     shardings: ts.TrainState
+    ema_params: dict | None = None  # the generator EMA, when the run kept one
 
     def model(self):
         return self.model_def.merge(self.params, self.model_state)
@@ -238,6 +289,8 @@ class TrainedTokenizer:
 def load_tokenizer(workdir: str, mesh=None, step: int | None = None) -> TrainedTokenizer:
     """Restores the tokenizer of a training run (its saved config rebuilds the model)."""
     config, step, model_def, state, shardings = ts.restore_run(
-        workdir, model_fn_from_config, optimizer_from_config, mesh=mesh, step=step
+        workdir, model_fn_from_config, mesh=mesh, step=step
     )
-    return TrainedTokenizer(config, step, model_def, state.params, state.model_state, shardings)
+    return TrainedTokenizer(
+        config, step, model_def, state.params, state.model_state, shardings, state.ema_params
+    )

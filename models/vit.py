@@ -120,7 +120,11 @@ def _token_param(shape, *, rngs: nnx.Rngs) -> nnx.Param:
 
 
 class ViTEncoder(nnx.Module):
-    """Images [B, H, W, C] -> latent grid [B, H/p, W/p, out_dim], or [B, L, out_dim] latents."""
+    """Images [B, H, W, C] -> latent grid [B, H/p, W/p, out_dim], or [B, L, out_dim] latents.
+
+    out_dim = 0 builds no head: the outputs are the transformer's token features (after the
+    final LayerNorm), [B, H/p, W/p, width] or [B, L, width] (a ViT feature extractor / teacher).
+    """
 
     def __init__(
         self,
@@ -155,7 +159,9 @@ class ViTEncoder(nnx.Module):
         self.transformer = Transformer(
             self.grid**2 + num_latents, width, depth, heads, mlp_dim, dtype=dtype, rngs=rngs
         )
-        self.head = _dense(width, out_dim, ("embed", None), dtype=dtype, rngs=rngs)
+        self.head = (
+            _dense(width, out_dim, ("embed", None), dtype=dtype, rngs=rngs) if out_dim else None
+        )
         # Created last so that the 2-D path draws the same initial values as before.
         self.latent_queries = (
             _token_param((1, num_latents, width), rngs=rngs) if num_latents else None
@@ -165,11 +171,14 @@ class ViTEncoder(nnx.Module):
         x = self.patch_embed(images.astype(self.dtype))
         x = einops.rearrange(x, "b h w c -> b (h w) c")
         if not self.num_latents:
-            x = self.head(self.transformer(x))
+            x = self._head(self.transformer(x))
             return einops.rearrange(x, "b (h w) c -> b h w c", h=self.grid)
         queries = self.latent_queries[...].astype(self.dtype)
         x = jnp.concatenate([x, jnp.broadcast_to(queries, (x.shape[0], *queries.shape[1:]))], 1)
-        return self.head(self.transformer(x)[:, -self.num_latents :])
+        return self._head(self.transformer(x)[:, -self.num_latents :])
+
+    def _head(self, x):
+        return self.head(x) if self.head is not None else x
 
 
 class ViTDecoder(nnx.Module):

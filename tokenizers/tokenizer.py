@@ -9,6 +9,7 @@ from models.conv import ConvDecoder, ConvEncoder
 from models.vit import ViTDecoder, ViTEncoder
 from tokenizers.base import QuantizerOutput
 from tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
+from tokenizers.dual_tokenizer import build_dual_tokenizer
 from tokenizers.vq import VectorQuantizer
 
 # Architecture name -> (encoder class, decoder class); both take the same keyword arguments
@@ -18,6 +19,9 @@ ARCHITECTURES = {
     "conv": (ConvEncoder, ConvDecoder),
 }
 QUANTIZERS = {"vq": VectorQuantizer, "lfq": LookupFreeQuantizer, "bsq": BinarySphericalQuantizer}
+# Tokenizer families with their own module layout, built by their own builder from the same
+# keyword dicts (see that builder for what encoder / decoder / quantizer hold).
+FAMILIES = {"dual": build_dual_tokenizer}  # TokenFlow dual codebook: tokenizers/dual_tokenizer.py
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -72,8 +76,17 @@ def build_tokenizer(
 
     quantizer: {'name': 'vq' | 'lfq' | 'bsq', **constructor kwargs of that quantizer}.
     encoder / decoder: constructor kwargs; `num_latents` = L > 0 in both gives 1-D latents.
+    architecture 'dual' (FAMILIES) builds a tokenizers/dual_tokenizer.DualTokenizer instead.
     """
-    encoder_cls, decoder_cls = _lookup(ARCHITECTURES, architecture, "model.architecture")
+    if architecture in FAMILIES:
+        return FAMILIES[architecture](
+            image_size=image_size, latent_dim=latent_dim, encoder=encoder, decoder=decoder,
+            quantizer=quantizer, dtype=_lookup(DTYPES, dtype, "model.dtype"), seed=seed,
+            architectures=ARCHITECTURES,
+        )  # fmt: skip
+    encoder_cls, decoder_cls = _lookup(
+        {**ARCHITECTURES, **FAMILIES}, architecture, "model.architecture"
+    )
     latents = (encoder.get("num_latents", 0), decoder.get("num_latents", 0))
     if latents[0] != latents[1]:
         raise ValueError(
@@ -81,6 +94,8 @@ def build_tokenizer(
             "differ; set both to the number of 1-D latent tokens (or both to 0 for a 2-D grid)"
         )
     quantizer = dict(quantizer)
+    if quantizer.get("name") in FAMILIES:
+        raise ValueError(f"quantizer.name={quantizer['name']!r} needs model.architecture='dual'")
     quantizer_cls = _lookup(QUANTIZERS, quantizer.pop("name"), "quantizer.name")
     compute_dtype = _lookup(DTYPES, dtype, "model.dtype")
     rngs = nnx.Rngs(params=seed)
