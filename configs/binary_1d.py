@@ -28,6 +28,7 @@ def get_config(arg=None):
         dict(architecture="vit", latent_dim=BITS, dtype="bfloat16", encoder=vit, decoder=vit)
     )
     config.quantizer = common.binary_quantizer(name, BITS, entropy_group_bits=8)
+    binary_b16.apply_recipe(config, name)
     if tiny:
         binary_b16.shrink_binary_to_tiny(config)
         config.model.encoder.num_latents = TINY_LATENTS

@@ -6,12 +6,14 @@ import importlib
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import run
 from jobs import train_tokenizer
+from tokenizers import training
 
 CONFIG_FILES = sorted(
     os.path.basename(p)[:-3]
@@ -27,6 +29,17 @@ def _check_tokenizer_config(full, tiny):
     # The full model is only traced abstractly: no memory is allocated.
     abstract = nnx.eval_shape(train_tokenizer.model_fn_from_config(full))
     assert abstract.vocab.size > 0
+    # The training recipe: loss keys valid, discriminator buildable (abstractly).
+    for config in (full, tiny):
+        training.LossConfig.from_dict(config.loss.to_dict())
+        disc = train_tokenizer.discriminator_from_config(config)
+        assert (disc is not None) == (config.loss.adversarial_weight > 0)
+        if disc is not None:
+            images = jax.ShapeDtypeStruct(
+                (1, config.data.image_size, config.data.image_size, 3), jnp.float32
+            )
+            logits = jax.eval_shape(lambda x, d=disc: d.model_fn()(x), images)
+            assert logits.shape[0] == 1
 
 
 def _check_export_config(full, tiny):
