@@ -67,7 +67,16 @@ def get_config(arg=None):
         tiny = dict(filters=32, channel_multipliers=(1, 1, 2), num_res_blocks=1)
         config.model.encoder.update(tiny)
         config.model.decoder.update(tiny)
-        config.quantizer.update(codebook_size=256, kmeans_init=True, restart_dead_codes=True)
+        # Factorised, l2-normalised 8-d codes as configs/vq_b16.py:tiny, no entropy penalty:
+        # MaskGIT's raw 32-d codes reached only 13.1 dB PSNR in the 600 CPU steps.
+        config.quantizer.update(
+            codebook_size=256,
+            code_dim=8,
+            l2_normalize=True,
+            entropy_weight=0.0,
+            kmeans_init=True,
+            restart_dead_codes=True,
+        )
         common.shrink_recipe_to_tiny(config)
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/vqgan_f16.py; use '' or 'tiny'")
