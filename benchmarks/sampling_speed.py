@@ -46,6 +46,7 @@ from flax import nnx  # noqa: E402
 from maskgit.libml import parallel_decode  # noqa: E402
 from maskgit.nets import maskgit_transformer  # noqa: E402
 
+from benchmarks.tokenizer_speed import compile_seconds, time_pair  # noqa: E402
 from models.maskgit import MaskGIT, make_sampler  # noqa: E402
 from tokenizers.base import Vocab  # noqa: E402
 
@@ -104,25 +105,6 @@ def build_ours(args, guidance=None):
         graphdef, steps=args.steps, choice_temperature=CHOICE_TEMPERATURE, guidance_scale=guidance
     )
     return params, rest, sampler
-
-
-def compile_seconds(fn, *args):
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    return time.perf_counter() - start, compiled
-
-
-def time_pair(ours, peer, reps):
-    """Alternating calls after one warm-up each; returns the median seconds of each side."""
-    jax.block_until_ready(ours())
-    jax.block_until_ready(peer())
-    times = {"ours": [], "peer": []}
-    for _ in range(reps):
-        for name, fn in (("ours", ours), ("peer", peer)):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["ours"]), statistics.median(times["peer"])
 
 
 def time_one(fn, reps):

@@ -4,6 +4,21 @@ from ml_collections import ConfigDict
 
 from core.mesh import DEFAULT_RULES
 
+# LlamaGen VQ tokenizer (tokenizer/tokenizer_image/vq_train.py): torch Adam (0.9, 0.95), lr
+# 1e-4, constant, grad-norm clip 1.0, the same for the discriminator; its --weight-decay 0.05
+# is never passed to the optimizer, so no weight decay.
+LLAMAGEN_ADAM = dict(
+    name="adam",
+    lr=1e-4,
+    b1=0.9,
+    b2=0.95,
+    weight_decay=0.0,
+    grad_clip_norm=1.0,
+    schedule="constant",
+    warmup_steps=0,
+    end_lr_fraction=0.0,
+)
+
 
 def tokenizer_base() -> ConfigDict:
     """Everything a tokenizer run needs apart from the model and quantizer."""
@@ -49,37 +64,14 @@ def tokenizer_base() -> ConfigDict:
                 lecam_weight=0.0,
                 lecam_decay=0.999,
             ),
-            # LlamaGen VQ tokenizer (tokenizer/tokenizer_image/vq_train.py): torch Adam
-            # (0.9, 0.95), lr 1e-4, constant, grad-norm clip 1.0; its --weight-decay 0.05 is
-            # never passed to the optimizer, so no weight decay.
-            optimizer=dict(
-                name="adam",
-                lr=1e-4,
-                b1=0.9,
-                b2=0.95,
-                weight_decay=0.0,
-                grad_clip_norm=1.0,
-                schedule="constant",
-                warmup_steps=0,
-                end_lr_fraction=0.0,
-            ),
+            optimizer=dict(LLAMAGEN_ADAM),
             # Used when loss.adversarial_weight > 0; kwargs per kind, picked by `name`.
             discriminator=dict(
                 name="stylegan",
                 stylegan=dict(channel_multiplier=1, blur_resample=True),  # MaskGIT
                 patchgan=dict(base_channels=64, n_layers=3, norm="batch"),  # taming / LlamaGen
             ),
-            discriminator_optimizer=dict(
-                name="adam",
-                lr=1e-4,
-                b1=0.9,
-                b2=0.95,
-                weight_decay=0.0,
-                grad_clip_norm=1.0,
-                schedule="constant",
-                warmup_steps=0,
-                end_lr_fraction=0.0,
-            ),
+            discriminator_optimizer=dict(LLAMAGEN_ADAM),
             ema_decay=0.0,  # > 0 keeps an EMA of the tokenizer's params (used for eval/export)
             log_every=100,
             checkpoint_every=5_000,
