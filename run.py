@@ -22,6 +22,9 @@ JOBS = {
     "train_classifier": "jobs.train_classifier",
     "evaluate": "jobs.evaluate",
     "export_tokens": "jobs.export_tokens",
+    "train_maskgit": "jobs.train_maskgit",
+    "sample": "jobs.sample",
+    "demo": "jobs.demo",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -352,8 +352,14 @@ def make_sampler(graphdef, *, mesh=None, **sample_options) -> Callable:
     if mesh is None:
         return jax.jit(sample)
     batch = mesh_lib.batch_sharding(mesh, 1)  # P(('data', 'fsdp')): first axis, any rank
-    return jax.jit(
+    jitted = jax.jit(
         sample,
         in_shardings=(None, None, batch, mesh_lib.replicated(mesh), batch, batch),
         out_shardings=batch,
     )
+
+    def sharded(params, model_state, labels, rng, tokens=None, generate=None):
+        # jit's in_shardings cover all six arguments: pass the optional ones explicitly.
+        return jitted(params, model_state, labels, rng, tokens, generate)
+
+    return sharded

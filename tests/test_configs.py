@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import run
+from core import train_state
 from jobs import train_tokenizer
 from tokenizers import training
 
@@ -69,6 +70,64 @@ def _check_evaluate_config(full, tiny):
     assert set(tiny.metrics) <= {"psnr", "ssim", "usage", "shapes"}
 
 
+def _tokenizer_of(config):
+    """The tokenizer config a MaskGIT config's tokens come from (binary when it factorises)."""
+    name = "binary_b16" if config.model.head_group_bits else "vq_b16"
+    return importlib.import_module(f"configs.{name}")
+
+
+def _check_maskgit_config(full, tiny):
+    """The tiny MaskGIT builds and trains one step on its tiny tokenizer's token grid; the full
+    one is traced abstractly on the full tokenizer's vocabulary and 16x16 grid."""
+    from ml_collections import ConfigDict
+
+    from jobs import train_maskgit
+
+    assert tiny.data.train.startswith("builtin:") and tiny.data.image_size <= 64
+    module = _tokenizer_of(full)
+    cases = [(tiny, "tiny")] + ([] if full.data.train.startswith("builtin:") else [(full, None)])
+    for config, variant in cases:
+        tok = module.get_config(variant)
+        vocab = nnx.eval_shape(train_tokenizer.model_fn_from_config(tok)).vocab
+        grid = tok.data.image_size // tok.model.encoder.patch_size
+        config = ConfigDict(config.to_dict())
+        config.resolved = {"vocab": vocab.__dict__, "token_shape": [grid, grid], "num_classes": 10}
+        if variant is None:
+            abstract = nnx.eval_shape(train_maskgit.model_fn_from_config(config))
+            assert abstract.token_shape == (16, 16) and len(abstract.blocks) == full.model.depth
+            continue
+        model = train_maskgit.model_fn_from_config(config)()
+        optimizer, lr_fn = train_maskgit.optimizer_from_config(config)
+        model_def, params, rest = train_state.split_model(model)
+        step = train_maskgit.make_train_step(
+            train_state.ModelDef(model_def), optimizer, lr_fn, seed=0, loss=config.loss.to_dict()
+        )
+        state = train_state.TrainState(np.int32(0), params, rest, optimizer.init(params))
+        tokens = np.zeros((2, grid, grid), np.int32) + (np.arange(2)[:, None, None] % 7)
+        batch = {"tokens": tokens, "label": np.arange(2, dtype=np.int32)}
+        _, out = jax.eval_shape(step, state, batch)
+        assert out["loss"].shape == ()
+
+
+def _check_sample_config(full, tiny):
+    from jobs import sample
+
+    sample.validate(tiny)
+    full.maskgit_workdir = "some_run"
+    sample.validate(full)
+    assert tiny.num_samples % tiny.batch_size == 0 and tiny.batch_size % 8 == 0
+
+
+def _check_demo_config(full, tiny):
+    """Every stage's sub-config is CPU-sized and passes its own job's check."""
+    for key, check in (("tokenizer", _check_tokenizer_config), ("export", _check_export_config),
+                       ("maskgit", _check_maskgit_config), ("sample", _check_sample_config),
+                       ("classifier", _check_classifier_config),
+                       ("evaluate", _check_evaluate_config)):  # fmt: skip
+        assert full[key].to_dict() == tiny[key].to_dict() and tiny[key].job in run.JOBS
+        check(tiny[key], tiny[key])  # the demo's default is its CPU size too
+
+
 # config.job -> what its tiny variant must pass. Jobs without an entry are still imported,
 # dispatched by run.py and given an unknown variant below.
 JOB_CHECKS = {
@@ -76,6 +135,9 @@ JOB_CHECKS = {
     "export_tokens": _check_export_config,
     "train_classifier": _check_classifier_config,
     "evaluate": _check_evaluate_config,
+    "train_maskgit": _check_maskgit_config,
+    "sample": _check_sample_config,
+    "demo": _check_demo_config,
 }
 
 

@@ -1,0 +1,365 @@
+"""Class-conditional samples from a trained MaskGIT, decoded by its tokenizer, in ADM format.
+
+  python run.py --config=configs/sample.py --workdir=OUT --config.maskgit_workdir=RUN
+
+Writes OUT/samples.npz (`arr_0` uint8 NHWC, `arr_1` int labels: what jobs/evaluate.py samples
+mode and the ADM evaluator read), OUT/samples.png (one row per class), optionally
+OUT/grids/class_<c>.png, and OUT/samples.json (the settings, checkpoints and timings).
+Sample i has class `classes[i % len(classes)]` (all classes when the list is empty); batch b is
+generated from key(seed) folded with b, with the batch sharded over the mesh ('data', 'fsdp').
+
+Resume: every finished batch is saved under OUT/.parts/ (written to a temporary name, then
+renamed), so a rerun after a crash generates only the missing batches; samples.npz is written
+to a temporary name and renamed last-but-one, samples.json last: its presence means done.
+Rerunning with other settings on the same OUT is an error naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import zipfile
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from core import mesh as mesh_lib
+from core import trained_tokenizer as tt
+from core.images import save_grid
+from models.maskgit import make_sampler
+
+PARTS = ".parts"
+RESULT = "samples.json"
+
+
+def sample_options(s) -> dict:
+    """MaskGIT.sample keyword options from a config section (steps, temperatures, guidance).
+
+    guidance_scale 1 with the constant schedule is plain conditional sampling (one pass, the
+    official MaskGIT); any other value runs classifier-free guidance.
+    """
+    plain = float(s.guidance_scale) == 1.0 and s.guidance_schedule == "constant"
+    return dict(
+        steps=int(s.steps),
+        temperature=float(s.temperature),
+        top_k=int(s.top_k),
+        choice_temperature=float(s.choice_temperature),
+        schedule=s.mask_schedule,
+        guidance_scale=None if plain else float(s.guidance_scale),
+        guidance_schedule=s.guidance_schedule,
+    )
+
+
+@dataclasses.dataclass
+class Generator:
+    """labels -> uint8 images: MaskGIT sampling then the tokenizer's decoder, both sharded."""
+
+    sampler: object
+    decode: object
+    tokenizer: tt.Restored
+    mesh: object
+
+    @classmethod
+    def create(cls, model_def, tokenizer: tt.Restored, mesh, options: dict, token_ndim: int):
+        sampler = make_sampler(model_def, mesh=mesh, **options)
+        return cls(sampler, tt.compile_decode(tokenizer, mesh, token_ndim), tokenizer, mesh)
+
+    def __call__(self, params, model_state, labels: np.ndarray, rng) -> np.ndarray:
+        """Every process passes the same global labels; every process gets all images."""
+        local = len(labels) // jax.process_count()
+        mine = labels[jax.process_index() * local :][:local].astype(np.int32)
+        labels = mesh_lib.host_batch_to_global({"label": mine}, self.mesh)["label"]
+        tokens = self.sampler(params, model_state, labels, rng)
+        images = self.decode(self.tokenizer.params, self.tokenizer.model_state, tokens)
+        return np.asarray(multihost_utils.process_allgather(images, tiled=True))
+
+
+def restore_tokenizer(resolved: dict, mesh, workdir: str = "") -> tt.Restored:
+    """The tokenizer a MaskGIT was trained on (the same step and weights); `workdir` overrides
+    where it lives (when the run has moved)."""
+    info = resolved["tokenizer"]
+    where = workdir or info["workdir"]
+    if not os.path.isdir(where):
+        raise FileNotFoundError(
+            f"the tokenizer run {where} that made the MaskGIT's tokens is gone; pass its new "
+            "place as --config.tokenizer_workdir"
+        )
+    return tt.restore(where, mesh, int(info["step"]), info["weights"] == "ema")
+
+
+def labels_for(classes, num_samples: int) -> np.ndarray:
+    return np.array([classes[i % len(classes)] for i in range(num_samples)], np.int32)
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, classes, columns: int) -> list:
+    """Rows of up to `columns` images, one row per class in `classes` that has samples."""
+    rows = [images[labels == c][:columns] for c in classes]
+    return [r for r in rows if len(r)]
+
+
+class GridSampler:
+    """The trainer's periodic PNG: one row per class (at most 10 classes, 8 samples each)."""
+
+    def __init__(self, generator, labels, columns, seed, workdir):
+        self.generator, self.labels, self.columns = generator, labels, columns
+        self.seed, self.workdir = seed, workdir
+
+    @classmethod
+    def create(cls, config, model_def, tokenizer, mesh, workdir):
+        r = config.resolved.to_dict()
+        if tokenizer is None:
+            tokenizer = restore_tokenizer(r, mesh)
+        classes = list(range(min(r["num_classes"], 10)))
+        parallel = mesh_lib.batch_parallelism(mesh)
+        columns = 8
+        n = math.ceil(len(classes) * columns / parallel) * parallel
+        labels = labels_for([c for c in classes for _ in range(columns)], n)
+        ndim = 1 + len(r["token_shape"]) + (1 if _grouped(r["vocab"]) else 0)
+        generator = Generator.create(
+            model_def, tokenizer, mesh, sample_options(config.sample), ndim
+        )
+        return cls(generator, labels, columns, config.seed, workdir)
+
+    def __call__(self, state, step: int) -> dict:
+        start = time.perf_counter()
+        rng = jax.random.fold_in(jax.random.key(self.seed + 1), step)
+        images = self.generator(state.params, state.model_state, self.labels, rng)
+        if jax.process_index() == 0:
+            classes = sorted(set(self.labels.tolist()))
+            rows = class_grid(images, self.labels, classes, self.columns)
+            path = os.path.join(self.workdir, "images", f"samples_{step:07d}.png")
+            save_grid(path, rows)
+            logging.info("samples at step %d: %s", step, path)
+        return {"sample_seconds": time.perf_counter() - start}
+
+
+def _grouped(vocab: dict) -> bool:
+    return vocab.get("bits") is not None and vocab["bits"] > 31
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def validate(config) -> None:
+    if not config.maskgit_workdir:
+        raise ValueError("config.maskgit_workdir is empty: pass a jobs/train_maskgit.py workdir")
+    if config.num_samples <= 0 or config.batch_size <= 0:
+        raise ValueError("config.num_samples and config.batch_size must be positive")
+
+
+def run(config, workdir: str) -> dict:
+    from jobs.train_maskgit import load_maskgit  # Lazy: train_maskgit imports this module.
+
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_sizes(mesh, {"batch_size": config.batch_size})
+    step = config.maskgit_step if config.maskgit_step >= 0 else None
+    maskgit = load_maskgit(config.maskgit_workdir, mesh, step)
+    r = maskgit.resolved
+    classes = [int(c) for c in config.classes] or list(range(r["num_classes"]))
+    bad = [c for c in classes if not 0 <= c < r["num_classes"]]
+    if bad:
+        raise ValueError(f"config.classes {bad} outside the model's [0, {r['num_classes']})")
+    spec = _spec(config, maskgit, classes)
+    done = _finished(workdir, spec)
+    if done is not None:
+        logging.info("sample: %s already holds these samples; nothing to do", workdir)
+        return done
+    tokenizer = restore_tokenizer(r, mesh, config.tokenizer_workdir)
+    ndim = 1 + len(r["token_shape"]) + (1 if _grouped(r["vocab"]) else 0)
+    generator = Generator.create(maskgit.model_def, tokenizer, mesh, sample_options(config), ndim)
+    labels = labels_for(classes, config.num_samples)
+    parts = _parts_dir(workdir, spec)
+    start = time.perf_counter()
+    made = _generate(config, generator, maskgit, labels, parts)
+    seconds = time.perf_counter() - start
+    result = {}
+    if jax.process_index() == 0:
+        result = _assemble(config, workdir, parts, spec, r, classes, tokenizer)
+        result.update(seconds=seconds, images_per_s=made / seconds if made else float("nan"))
+        _write_json(os.path.join(workdir, RESULT), result)
+        shutil.rmtree(parts, ignore_errors=True)
+    multihost_utils.sync_global_devices("sample: written")
+    return _scalars(result)
+
+
+def _scalars(result: dict) -> dict:
+    return {k: v for k, v in result.items() if isinstance(v, int | float | str)}
+
+
+def _spec(config, maskgit, classes) -> dict:
+    """Every setting that decides the samples (a rerun with others must not mix them)."""
+    return {
+        "maskgit_workdir": os.path.abspath(config.maskgit_workdir),
+        "maskgit_step": int(maskgit.step),
+        "num_samples": int(config.num_samples),
+        "classes": classes,
+        "batch_size": int(config.batch_size),
+        "seed": int(config.seed),
+        **{k: v for k, v in sample_options(config).items()},
+    }
+
+
+def _finished(workdir: str, spec: dict) -> dict | None:
+    path = os.path.join(workdir, RESULT)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    if done.get("spec") != json.loads(json.dumps(spec)):
+        raise ValueError(
+            f"{workdir} already holds samples made with other settings ({path}); pass a fresh "
+            "--workdir or delete it"
+        )
+    return _scalars(done)
+
+
+def _parts_dir(workdir: str, spec: dict) -> str:
+    parts = os.path.join(workdir, PARTS)
+    spec_path = os.path.join(parts, "spec.json")
+    if os.path.exists(spec_path):
+        with open(spec_path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(spec)):
+            differ = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            raise ValueError(
+                f"{parts} holds unfinished samples made with other settings ({differ}); rerun "
+                "with the original settings to finish them, or pass a fresh --workdir"
+            )
+    elif jax.process_index() == 0:
+        os.makedirs(parts, exist_ok=True)
+        _write_json(spec_path, spec)
+    return parts
+
+
+def _part(parts: str, b: int) -> str:
+    return os.path.join(parts, f"batch_{b:06d}.npz")
+
+
+def _generate(config, generator, maskgit, labels: np.ndarray, parts: str) -> int:
+    """Generates the batches without a part file; returns the number of images made."""
+    size, n = config.batch_size, len(labels)
+    num_batches = math.ceil(n / size)
+    todo = [b for b in range(num_batches) if not os.path.exists(_part(parts, b))]
+    if len(todo) < num_batches:
+        logging.info("sample: %d of %d batches already done", num_batches - len(todo), num_batches)
+    key, made, start = jax.random.key(config.seed), 0, time.perf_counter()
+    for i, b in enumerate(todo):
+        batch = labels[b * size : (b + 1) * size]
+        count = len(batch)
+        padded = np.concatenate([batch, np.full(size - count, batch[0], np.int32)])
+        images = generator(maskgit.params, maskgit.model_state, padded, jax.random.fold_in(key, b))
+        if jax.process_index() == 0:
+            _save_part(_part(parts, b), images[:count], batch)
+        made += count
+        rate = made / (time.perf_counter() - start)
+        left = sum(len(labels[t * size : (t + 1) * size]) for t in todo[i + 1 :])
+        logging.info(
+            "sample: batch %d/%d (%d images), %.1f images/s, ETA %.0fs",
+            b + 1,
+            num_batches,
+            min((b + 1) * size, n),
+            rate,
+            left / rate,
+        )
+    return made
+
+
+def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}.npz")  # hidden: never globbed
+    np.savez(tmp, images=images, labels=labels)
+    os.replace(tmp, path)
+
+
+def _assemble(config, workdir, parts, spec, resolved, classes, tokenizer) -> dict:
+    """samples.npz (streamed from the parts), the PNG grids; returns the samples.json record."""
+    files = sorted(glob.glob(os.path.join(parts, "batch_*.npz")))
+    labels = np.concatenate([np.load(f)["labels"] for f in files])
+    path = os.path.join(workdir, "samples.npz")
+    shape = _write_npz(path, files, labels)
+    shown = classes[: config.grid.max_classes]
+    images, image_labels = _first_of_each(
+        files, shown, max(config.grid.columns, config.grid.per_class)
+    )
+    png = save_grid(
+        os.path.join(workdir, "samples.png"),
+        class_grid(images, image_labels, shown, config.grid.columns),
+        max_columns=config.grid.columns,
+    )
+    names = resolved.get("class_names") or []
+    grids = {}
+    for c in shown if config.grid.per_class > 0 else []:
+        mine = images[image_labels == c][: config.grid.per_class]
+        if not len(mine):
+            continue  # fewer samples than classes
+        rows = [mine[i : i + 8] for i in range(0, len(mine), 8)]
+        name = f"class_{c:04d}" + (f"_{names[c]}" if c < len(names) else "")
+        grids[str(c)] = save_grid(os.path.join(workdir, "grids", f"{name}.png"), rows)
+    counts = np.bincount(labels, minlength=resolved["num_classes"])
+    return {
+        "spec": spec,
+        "num_samples": int(len(labels)),
+        "image_size": int(shape[1]),
+        "samples": path,
+        "grid": png,
+        "class_grids": grids,
+        "class_names": names,
+        "samples_per_class": {str(c): int(counts[c]) for c in classes},
+        "maskgit": {"workdir": spec["maskgit_workdir"], "step": spec["maskgit_step"]},
+        "tokenizer": {
+            "workdir": tokenizer.workdir,
+            "step": int(tokenizer.step),
+            "weights": tokenizer.weights,
+        },
+        **{k: v for k, v in spec.items() if k not in ("maskgit_workdir", "classes")},
+    }
+
+
+def _write_npz(path: str, files: list[str], labels: np.ndarray) -> tuple[int, ...]:
+    """ADM npz from the part files without holding all images: arr_0 streamed into the zip."""
+    with np.load(files[0]) as z:
+        shape = (len(labels), *z["images"].shape[1:])
+    tmp = f"{path}.tmp{os.getpid()}"
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, {**header, "shape": shape})
+            for part in files:
+                with np.load(part) as z:
+                    f.write(np.ascontiguousarray(z["images"], np.uint8).tobytes())
+        with archive.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, labels.astype(np.int64))
+    os.replace(tmp, path)
+    return shape
+
+
+def _first_of_each(files: list[str], classes, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` samples of each of `classes` (bounded memory for 1000 classes)."""
+    kept, kept_labels, have = [], [], dict.fromkeys(classes, 0)
+    for part in files:
+        with np.load(part) as z:
+            images, labels = z["images"], z["labels"]
+        for c in classes:
+            take = np.flatnonzero(labels == c)[: count - have[c]]
+            kept.append(images[take])
+            kept_labels.append(labels[take])
+            have[c] += len(take)
+        if all(v >= count for v in have.values()):
+            break
+    return np.concatenate(kept), np.concatenate(kept_labels)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)

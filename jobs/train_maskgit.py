@@ -1,0 +1,395 @@
+"""Train a class-conditional MaskGIT (models/maskgit.py) on a tokenizer's indices.
+
+Tokens come from a finished export (`config.tokens.export_dir`, jobs/export_tokens.py) or, when
+that is empty, are encoded on the fly by the tokenizer trained in `config.tokenizer.workdir`
+(its EMA weights when it kept them) over `config.data`. Both paths draw the same examples in the
+same order (core/token_batches.py) and a resumed run sees exactly the batches it would have
+seen. The vocabulary, token grid and class count come from the tokenizer (the manifest or the
+restored run) and are saved with every checkpoint under `config.resolved`, so `load_maskgit`
+rebuilds the model without the tokens.
+
+The step is masked-token prediction (`MaskGIT.loss`: mask schedule, label smoothing, class
+dropout for classifier-free guidance) under AdamW, on the shared loop (core/loop.py): logging,
+checkpoints, SIGTERM and the NaN guard. `config.sample.every > 0` adds PNG grids of samples
+(one row per class) under WORKDIR/images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from core import checkpoint, data, loop, optim
+from core import mesh as mesh_lib
+from core import token_batches as tb
+from core import train_state as ts
+from core import trained_tokenizer as tt
+from models.maskgit import MaskGIT
+from models.maskgit_decode import SCHEDULES
+from tokenizers.base import Vocab
+from tokenizers.tokenizer import DTYPES
+
+
+def build_maskgit(*, seed: int, dtype: str, **kwargs) -> MaskGIT:
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
+    return MaskGIT(dtype=DTYPES[dtype], rngs=nnx.Rngs(seed), **kwargs)
+
+
+def model_fn_from_config(config):
+    """The MaskGIT of a config whose `resolved` section names the tokens (see resolve())."""
+    m, r = config.model, config.resolved
+    return functools.partial(
+        build_maskgit,
+        vocab=tb.vocab_from_dict(r.vocab.to_dict()),
+        token_shape=tuple(r.token_shape),
+        num_classes=int(r.num_classes),
+        width=m.width,
+        depth=m.depth,
+        heads=m.heads,
+        mlp_dim=m.mlp_dim,
+        dropout=m.dropout,
+        head_group_bits=m.head_group_bits,
+        dtype=m.dtype,
+        seed=config.seed,
+    )
+
+
+def _decay_mask(params):
+    """Weight decay on matrices (kernels, embedding tables) only, not on biases or norms."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def optimizer_from_config(config):
+    """(AdamW with warm-up and schedule, lr schedule) from config.optimizer.
+
+    optimizer.decay_matrices_only keeps LayerNorm scales and biases out of the weight decay.
+    """
+    o = config.optimizer
+    lr_fn = optim.learning_rate_schedule(
+        lr=o.lr,
+        schedule=o.schedule,
+        warmup_steps=o.warmup_steps,
+        total_steps=config.num_steps,
+        end_lr_fraction=o.end_lr_fraction,
+    )
+    if o.name != "adamw":
+        raise ValueError(f"optimizer.name {o.name!r}: the MaskGIT trainer uses 'adamw'")
+    mask = _decay_mask if o.decay_matrices_only else None
+    opt = optax.adamw(lr_fn, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+    if o.grad_clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
+    return opt, lr_fn
+
+
+def make_train_step(model_def: ts.ModelDef, optimizer, lr_fn, *, seed: int, loss: dict):
+    """step(state, {'tokens', 'label'}) -> (state, {loss, accuracy, mask_ratio, lr}).
+
+    Masking, class dropout and dropout draw from key(seed) folded with the step.
+    """
+    if loss["mask_schedule"] not in SCHEDULES:
+        raise ValueError(
+            f"loss.mask_schedule {loss['mask_schedule']!r} is unknown; choose one of "
+            f"{sorted(SCHEDULES)}"
+        )
+
+    def train_step(state: ts.TrainState, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def loss_fn(params):
+            model = model_def.merge(params, state.model_state)
+            return model.loss(
+                batch["tokens"],
+                batch["label"],
+                rng,
+                train=True,
+                schedule=loss["mask_schedule"],
+                label_smoothing=loss["label_smoothing"],
+                class_dropout=loss["class_dropout"],
+            )
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        params, opt_state = ts.apply_gradients(optimizer, state, grads)
+        metrics = {**metrics, "lr": lr_fn(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@dataclasses.dataclass
+class Tokens:
+    """Where training tokens come from, and what they are."""
+
+    resolved: dict  # saved with the config: vocab, token_shape, num_classes, tokenizer, ...
+    index_shape: tuple[int, ...]
+    exported: tb.ExportedTokens | None = None
+    tokenizer: tt.Restored | None = None  # on-the-fly path
+    image_size: int = 0
+
+
+def resolve(config, mesh) -> Tokens:
+    """Reads the export, or restores the tokenizer for on-the-fly encoding."""
+    if config.tokens.export_dir:
+        ex = tb.load_export(config.tokens.export_dir, verify=config.tokens.verify)
+        _check_tokenizer(config, ex.vocab, mesh)
+        where = f"export:{os.path.abspath(ex.directory)}"
+        grid = ex.manifest["tokens"]["grid_shape"]
+        info = _resolved(config, ex.vocab, grid, ex.num_classes, ex.class_names, ex.tokenizer)
+        return Tokens({**info, "tokens": where, "num_examples": len(ex.keys)}, ex.index_shape, ex)
+    if not config.tokenizer.workdir:
+        raise ValueError(
+            "no tokens: set --config.tokens.export_dir=<jobs/export_tokens.py output> or "
+            "--config.tokenizer.workdir=<tokenizer run> to encode config.data on the fly"
+        )
+    tok = _restore_tokenizer(config, mesh)
+    d = config.data
+    size = d.image_size or tok.config.data.image_size
+    source = data.make_source(d.train, d.train_split, image_size=size, data_dir=d.data_dir or None)
+    index_shape = _encoded_shape(tok, size)
+    grouped = tok.vocab.bits is not None and tok.vocab.bits > 31
+    names = list(getattr(source, "class_names", None) or [])
+    tokenizer = {"workdir": tok.workdir, "step": int(tok.step), "weights": tok.weights}
+    grid = index_shape[:-1] if grouped else index_shape
+    info = _resolved(config, tok.vocab, grid, source.num_classes, names, tokenizer)
+    info["tokens"] = f"encode:{d.train}:{d.train_split}"
+    info["num_examples"] = min(len(source), d.max_examples or len(source))
+    return Tokens(info, index_shape, tokenizer=tok, image_size=size)
+
+
+def _encoded_shape(tok: tt.Restored, image_size: int) -> tuple[int, ...]:
+    """Per-image shape of the tokenizer's indices at `image_size` (traced, not run)."""
+
+    def encode(params, model_state, images):
+        return tok.tokenizer.model_def.merge(params, model_state).encode(images)
+
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jax.numpy.float32)
+    return tuple(jax.eval_shape(encode, tok.params, tok.model_state, images).shape[1:])
+
+
+def _resolved(config, vocab: Vocab, grid, num_classes, class_names, tokenizer) -> dict:
+    classes = config.model.num_classes or max(int(num_classes), 1)
+    return {
+        "vocab": dataclasses.asdict(vocab),
+        "token_shape": [int(x) for x in grid],
+        "num_classes": int(classes),
+        "class_names": [str(c) for c in class_names][:classes],
+        "tokenizer": tokenizer,
+    }
+
+
+def _restore_tokenizer(config, mesh) -> tt.Restored:
+    step = config.tokenizer.step if config.tokenizer.step >= 0 else None
+    try:
+        return tt.restore(config.tokenizer.workdir, mesh, step, config.tokenizer.use_ema)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"config.tokenizer.workdir: {e}") from e
+
+
+def _check_tokenizer(config, vocab: Vocab, mesh) -> None:
+    """With an export and a tokenizer workdir both given, their vocabularies must agree."""
+    if not config.tokenizer.workdir:
+        return
+    step, saved = checkpoint.read_config(config.tokenizer.workdir)
+    from jobs.train_tokenizer import model_fn_from_config as tokenizer_fn
+
+    theirs = nnx.eval_shape(tokenizer_fn(ml_collections.ConfigDict(saved))).vocab
+    if theirs != vocab:
+        raise ValueError(
+            f"config.tokens.export_dir holds tokens of vocab {vocab}, but "
+            f"config.tokenizer.workdir={config.tokenizer.workdir!r} (step {step}) has vocab "
+            f"{theirs}: point both at the same tokenizer, or leave tokenizer.workdir empty"
+        )
+
+
+def _check_resume(workdir: str, resolved: dict) -> None:
+    """A workdir's checkpoints must have been trained on tokens of the same kind."""
+    try:
+        step, saved = checkpoint.read_config(workdir)
+    except checkpoint.CheckpointError:
+        return  # nothing to resume
+    old = saved.get("resolved") or {}
+    keys = ("vocab", "token_shape", "num_classes")
+    differ = [k for k in keys if _plain(old.get(k)) != _plain(resolved[k])]
+    if differ:
+        detail = "; ".join(f"{k}: was {old.get(k)}, now {resolved[k]}" for k in differ)
+        raise checkpoint.CheckpointError(
+            f"{workdir} holds a MaskGIT trained on other tokens (step {step}: {detail}). Use the "
+            "tokens it was trained on, or a fresh --workdir."
+        )
+    if (
+        old.get("num_examples") != resolved["num_examples"]
+        or old.get("tokens") != resolved["tokens"]
+    ):
+        logging.warning(
+            "resuming on other tokens (%s, %s examples; was %s, %s): the batch order changes",
+            resolved["tokens"],
+            resolved["num_examples"],
+            old.get("tokens"),
+            old.get("num_examples"),
+        )
+
+
+def _plain(x):
+    """JSON round trip: tuples become lists, so saved and fresh values compare equal."""
+    import json
+
+    return json.loads(json.dumps(x))
+
+
+def host_batches(config, tokens: Tokens, start_step: int):
+    """This process's host batches from `start_step`: {'tokens', 'label'} or {'image', 'label'}."""
+    gb, p, n = config.data.global_batch_size, jax.process_index(), jax.process_count()
+    if tokens.exported is not None:
+        return tokens.exported.batches(gb, config.seed, start_step, p, n)
+    return tb.EncodeBatches(
+        config.data.train,
+        split=config.data.train_split,
+        image_size=tokens.image_size,
+        max_examples=config.data.max_examples,
+        global_batch_size=gb,
+        seed=config.seed,
+        num_steps=config.num_steps,
+        start_step=start_step,
+        data_dir=config.data.data_dir or None,
+        num_threads=config.data.num_threads or None,
+        prefetch=config.data.prefetch,
+        process_index=p,
+        process_count=n,
+    )
+
+
+def resolved_config(config, tokens: Tokens) -> ml_collections.ConfigDict:
+    """An unlocked copy of config with `resolved` filled in (what checkpoints save)."""
+    full = ml_collections.ConfigDict(config.to_dict())
+    full.resolved = tokens.resolved
+    return full
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str) -> dict:
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    mesh_lib.check_batch_sizes(mesh, {"data.global_batch_size": config.data.global_batch_size})
+    tokens = resolve(config, mesh)
+    _check_resume(workdir, tokens.resolved)
+    config = resolved_config(config, tokens)
+    r = tokens.resolved
+    model_fn = model_fn_from_config(config)
+    optimizer, lr_fn = optimizer_from_config(config)
+    ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    model_def, state, shardings = ts.restore_or_init(
+        model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
+    )
+    count = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info(
+        "maskgit: %.2fM parameters; tokens %s: %d examples, grid %s, vocab %d, %d classes",
+        count / 1e6,
+        r["tokens"],
+        r["num_examples"],
+        r["token_shape"],
+        r["vocab"]["size"],
+        r["num_classes"],
+    )
+    step_fn = make_train_step(
+        model_def, optimizer, lr_fn, seed=config.seed, loss=config.loss.to_dict()
+    )
+    batch_sh = {
+        "tokens": mesh_lib.batch_sharding(mesh, 1 + len(tokens.index_shape)),
+        "label": mesh_lib.batch_sharding(mesh, 1),
+    }
+    train_step = ts.compile_train_step(step_fn, shardings, batch_sh, mesh)
+    step_with_tokens = _with_encoding(train_step, tokens, mesh, config)
+    sampler = None
+    if config.sample.every > 0:
+        from jobs import sample as sample_job  # Lazy: sampling pulls in the decoder.
+
+        sampler = sample_job.GridSampler.create(config, model_def, tokens.tokenizer, mesh, workdir)
+    batches = host_batches(config, tokens, int(state.step))
+    writer = loop.MetricWriter(workdir)
+    try:
+        state, train_metrics, stopped = loop.train(
+            state=state,
+            step_fn=step_with_tokens,
+            batches=batches,
+            mesh=mesh,
+            num_steps=config.num_steps,
+            writer=writer,
+            ckpt_manager=ckpt,
+            config_dict=config.to_dict(),
+            log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
+            eval_every=config.sample.every,
+            evaluate=(lambda s, step: sampler(s, step)) if sampler else None,
+        )
+        if sampler is not None and not stopped:
+            sampler(state, int(state.step))
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+        writer.close()
+        ckpt.close()
+    result = {"step": int(state.step), **train_metrics}
+    if stopped:
+        result["stopped_early"] = True
+    return result
+
+
+def _with_encoding(train_step, tokens: Tokens, mesh, config):
+    """The loop's step: the train step, after encoding images when tokens are made on the fly."""
+    if tokens.tokenizer is None:
+        return train_step
+    tok = tokens.tokenizer
+    encode, shape = tt.compile_encode(tok, mesh, config.data.global_batch_size, tokens.image_size)
+    assert tuple(shape) == tuple(tokens.index_shape), (shape, tokens.index_shape)
+
+    def step(state, batch):
+        indices = encode(tok.params, tok.model_state, batch["image"])
+        return train_step(state, {"tokens": indices, "label": batch["label"]})
+
+    return step
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+@dataclasses.dataclass
+class TrainedMaskGIT:
+    """A MaskGIT restored from a training workdir, placed on a mesh."""
+
+    config: ml_collections.ConfigDict
+    step: int
+    model_def: ts.ModelDef
+    params: dict
+    model_state: dict
+    shardings: ts.TrainState
+
+    def model(self) -> MaskGIT:
+        return self.model_def.merge(self.params, self.model_state)
+
+    @property
+    def resolved(self) -> dict:
+        return self.config.resolved.to_dict()
+
+
+def load_maskgit(workdir: str, mesh=None, step: int | None = None) -> TrainedMaskGIT:
+    """Restores a MaskGIT training run (its saved config rebuilds the model) onto `mesh`."""
+    config, step, model_def, state, shardings = ts.restore_run(
+        workdir, model_fn_from_config, mesh=mesh, step=step
+    )
+    if "resolved" not in config:
+        raise checkpoint.CheckpointError(
+            f"{workdir} was not written by jobs/train_maskgit.py (its config has no 'resolved')"
+        )
+    return TrainedMaskGIT(config, step, model_def, state.params, state.model_state, shardings)

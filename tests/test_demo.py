@@ -1,0 +1,63 @@
+"""The demo pipeline end to end at test size (configs/demo.py:test): tokenizer, export, MaskGIT,
+samples, classifier, evaluation and report.md; a rerun skips every finished stage."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo as demo_config
+from jobs import demo
+
+SECTIONS = (
+    "## Timings",
+    "## Tokenizer",
+    "## Tokens",
+    "## MaskGIT",
+    "## Samples",
+    "## Sample metrics",
+)
+
+
+def test_demo_runs_end_to_end_writes_the_report_and_resumes(tmp_path):
+    workdir = str(tmp_path)
+    config = demo_config.get_config("test")
+    result = demo.run(config, workdir)
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert [s for s in SECTIONS if s not in report] == []
+    # Every image the report links exists and is a PNG: reconstructions, token statistics,
+    # the sample grid and one grid per class.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(links) == 3 + 10
+    for link in links:
+        assert Image.open(os.path.join(workdir, link)).format == "PNG"
+    # The figures are the stages' own.
+    stages = json.load(open(os.path.join(workdir, demo.STAGES_FILE)))
+    assert list(stages) == ["tokenizer", "tokens", "maskgit", "samples", "classifier", "evaluate"]
+    psnr = stages["tokenizer"]["result"]["eval/psnr"]
+    assert f"| {demo._fmt(psnr)} |" in report and result["psnr"] > 0
+    scores = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+    assert result["shapes_accuracy"] == scores["shapes_accuracy"]
+    assert f"| shapes_accuracy | {demo._fmt(scores['shapes_accuracy'])} |" in report
+    assert f"| shapes_fd | {demo._fmt(scores['shapes_fd'])} |" in report
+    stats = json.load(open(os.path.join(workdir, "tokens", "stats.json")))
+    assert f"| entropy (bits/token) | {demo._fmt(stats['entropy_bits'])} " in report
+    with np.load(os.path.join(workdir, "samples", "samples.npz")) as z:
+        assert z["arr_0"].shape == (40, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(np.bincount(z["arr_1"]), [4] * 10)
+    for name, record in stages.items():
+        assert f"| {name} | {record['seconds']:.1f} |" in report
+    # A rerun skips every finished stage and reports the same figures.
+    checkpoint = os.path.join(workdir, "maskgit", "checkpoints")
+    before = sorted(os.listdir(checkpoint))
+    again = demo.run(config, workdir)
+    assert {k: v for k, v in again.items()} == result
+    assert sorted(os.listdir(checkpoint)) == before
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert report.count("skipped now") == len(stages)
+    config.maskgit.num_steps = 21  # other settings for a finished stage are refused
+    with pytest.raises(ValueError, match="other settings"):
+        demo.run(config, workdir)
