@@ -107,6 +107,16 @@ def _check_finite(history: list[tuple[int, dict]], last_saved: int | None, ckpt_
             )
 
 
+def cadence(config) -> dict:
+    """The `train` arguments every job reads from its config the same way."""
+    return dict(
+        num_steps=config.num_steps,
+        config_dict=config.to_dict(),
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+    )
+
+
 def train(
     *,
     state,

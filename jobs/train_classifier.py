@@ -107,12 +107,9 @@ def run(config, workdir: str) -> dict:
             step_fn=train_step,
             batches=batches,
             mesh=mesh,
-            num_steps=config.num_steps,
             writer=writer,
             ckpt_manager=ckpt,
-            config_dict=config.to_dict(),
-            log_every=config.log_every,
-            checkpoint_every=config.checkpoint_every,
+            **loop.cadence(config),
         )
         result = {"step": int(state.step), **train_metrics}
         if not stopped:

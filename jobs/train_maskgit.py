@@ -324,12 +324,9 @@ def run(config, workdir: str) -> dict:
             step_fn=step_with_tokens,
             batches=batches,
             mesh=mesh,
-            num_steps=config.num_steps,
             writer=writer,
             ckpt_manager=ckpt,
-            config_dict=config.to_dict(),
-            log_every=config.log_every,
-            checkpoint_every=config.checkpoint_every,
+            **loop.cadence(config),
             eval_every=config.sample.every,
             evaluate=(lambda s, step: sampler(s, step)) if sampler else None,
         )

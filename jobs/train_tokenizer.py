@@ -247,12 +247,9 @@ def run(config, workdir: str) -> dict:
             step_fn=lambda s, b: train_step(s, {"image": b["image"]}, frozen),
             batches=batches,
             mesh=mesh,
-            num_steps=config.num_steps,
             writer=writer,
             ckpt_manager=ckpt,
-            config_dict=config.to_dict(),
-            log_every=config.log_every,
-            checkpoint_every=config.checkpoint_every,
+            **loop.cadence(config),
             eval_every=config.eval_every,
             evaluate=lambda s, step: eval_fn(state=s, step=step),
         )
