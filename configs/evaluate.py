@@ -42,8 +42,9 @@ def get_config(arg=None):
             # Explicit weight files ('' = cache / checked download, see core/weights.py).
             weights=dict(inception="", vgg16="", lpips=""),
             # Shapes classifier workdir ('' = WORKDIR/shapes_classifier), trained there on first
-            # use with configs/shapes_classifier.py:<classifier_variant>.
-            shapes=dict(classifier_workdir="", classifier_variant=""),
+            # use with configs/shapes_classifier.py:<classifier_variant>; samples' shapes_fd is
+            # measured against the test split of `reference` (builtin:shapes or shapes_plain).
+            shapes=dict(classifier_workdir="", classifier_variant="", reference="builtin:shapes"),
             mesh=dict(data=-1, fsdp=1, model=1),
             sharding_rules=tuple(DEFAULT_RULES),
         )

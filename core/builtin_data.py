@@ -1,6 +1,9 @@
 """Datasets that need no download: procedurally drawn shapes and crops of bundled photos.
 
-Both are random-access sources for `core.data` (`builtin:shapes`, `builtin:photos`): every
+`builtin:shapes` (textured backgrounds, random colours), `builtin:shapes_plain` (its easier
+variant for the CPU demo) and `builtin:photos`.
+
+All are random-access sources for `core.data`: every
 item is a pure function of (split, index), rendered directly at the requested resolution,
 so tiny CPU configs and tests get real, labelled, reproducible images with no network.
 """
@@ -83,13 +86,21 @@ def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.nd
     return Image.fromarray(noisy), grid.reshape(-1, 3).mean(0)
 
 
-def _shape_mask(rng: np.random.Generator, kind: str, filled: bool, size: int) -> Image.Image:
+def _shape_mask(
+    rng: np.random.Generator,
+    kind: str,
+    filled: bool,
+    size: int,
+    radii: tuple[float, float] = (0.18, 0.42),
+    widths: tuple[float, float] = (0.15, 0.3),
+    rotate: bool = True,
+) -> Image.Image:
     """Anti-aliased coverage mask ('L'), drawn at 4x (2x when large) then box-filtered."""
     ss = 4 if size <= 128 else 2
     canvas = size * ss
-    radius = rng.uniform(0.18, 0.42) * canvas
+    radius = rng.uniform(*radii) * canvas
     cx, cy = rng.uniform(radius, canvas - radius, 2)
-    width = max(ss, int(round(radius * rng.uniform(0.15, 0.3))))
+    width = max(ss, int(round(radius * rng.uniform(*widths))))
     mask = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(mask)
     if kind == "circle":
@@ -99,7 +110,7 @@ def _shape_mask(rng: np.random.Generator, kind: str, filled: bool, size: int) ->
         else:
             draw.ellipse(box, outline=255, width=width)
     else:
-        theta = rng.uniform(0, 2 * np.pi)
+        theta = rng.uniform(0, 2 * np.pi) if rotate else 0.0
         rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
         pts = _POLYGONS[kind] @ rot.T * radius + (cx, cy)
         pts = [tuple(p) for p in pts]
@@ -118,14 +129,44 @@ def _shape_colour(rng: np.random.Generator, background_mean: np.ndarray) -> tupl
     return tuple(int(c) for c in np.clip(colour, 0, 255))
 
 
-def render_shape(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]:
-    """One labelled image: label = 2 * kind + (1 if outline else 0)."""
+# `builtin:shapes_plain`: flat dark backgrounds, bright shapes from a small palette, larger,
+# upright shapes with thicker outlines. With the 8x8-token tiny tokenizer (configs/demo.py)
+# reconstructions keep their class 97-100 % of the time here, against 54 % on
+# `builtin:shapes`, whose random colours and textures leave an 8-bit token no room for the
+# outline; upright shapes need far fewer distinct edge tokens than rotated ones.
+PLAIN_BACKGROUNDS = ((20, 20, 30), (40, 30, 90), (30, 80, 40), (90, 30, 30))
+PLAIN_COLOURS = (
+    (250, 250, 250),
+    (250, 200, 40),
+    (60, 220, 250),
+    (250, 90, 200),
+    (120, 250, 90),
+    (250, 120, 60),
+)
+PLAIN_RADII, PLAIN_WIDTHS = (0.28, 0.45), (0.25, 0.35)
+
+
+def _pick(rng: np.random.Generator, palette: tuple) -> tuple[int, ...]:
+    return palette[int(rng.integers(len(palette)))]
+
+
+def render_shape(
+    rng: np.random.Generator, size: int, plain: bool = False
+) -> tuple[np.ndarray, int]:
+    """One labelled image: label = 2 * kind + (1 if outline else 0); `plain`: the
+    `builtin:shapes_plain` look (flat background, palette colours, larger upright shapes)."""
     label = int(rng.integers(len(SHAPE_CLASSES)))
     kind, filled = SHAPE_KINDS[label // 2], label % 2 == 0
-    background, mean = _background(rng, size)
-    mask = _shape_mask(rng, kind, filled, size)
-    colour = Image.new("RGB", (size, size), _shape_colour(rng, mean))
-    return np.asarray(Image.composite(colour, background, mask)), label
+    if plain:
+        background = Image.new("RGB", (size, size), _pick(rng, PLAIN_BACKGROUNDS))
+        mask = _shape_mask(rng, kind, filled, size, PLAIN_RADII, PLAIN_WIDTHS, rotate=False)
+        colour = _pick(rng, PLAIN_COLOURS)
+    else:
+        background, mean = _background(rng, size)
+        mask = _shape_mask(rng, kind, filled, size)
+        colour = _shape_colour(rng, mean)
+    fill = Image.new("RGB", (size, size), colour)
+    return np.asarray(Image.composite(fill, background, mask)), label
 
 
 class ShapesSource(_Generated):
@@ -134,6 +175,7 @@ class ShapesSource(_Generated):
     num_classes = len(SHAPE_CLASSES)
     class_names = SHAPE_CLASSES
     sizes = {"train": 50_000, "test": 10_000}
+    plain = False
 
     def __init__(self, split: str, image_size: int):
         self.split, self._split_id = _split_id("shapes", split)
@@ -147,7 +189,19 @@ class ShapesSource(_Generated):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
         rng = np.random.default_rng([0x5A4E, self._split_id, index])
-        return render_shape(rng, self.image_size)
+        return render_shape(rng, self.image_size, plain=self.plain)
+
+
+class PlainShapesSource(ShapesSource):
+    """`builtin:shapes_plain`: the same 10 classes, larger and upright, on flat backgrounds, in
+    palette colours: the demo's data (configs/demo.py), where a MaskGIT trained for minutes on a CPU
+    can learn to draw them. Same sizes and splits as `builtin:shapes`."""
+
+    plain = True
+
+    def __init__(self, split: str, image_size: int):
+        super().__init__(split, image_size)
+        self.name = f"builtin:shapes_plain:{self.split}"
 
 
 # ----------------------------------------------------------------------------- photos
@@ -246,4 +300,4 @@ class PhotosSource(_Generated):
         return np.asarray(crop), ALL_PHOTOS.index(name)
 
 
-BUILTINS = {"shapes": ShapesSource, "photos": PhotosSource}
+BUILTINS = {"shapes": ShapesSource, "shapes_plain": PlainShapesSource, "photos": PhotosSource}

@@ -5,6 +5,7 @@ Specs:
   folder:PATH         JPEG/PNG/WebP files under PATH; class = top-level subfolder (else 0).
                       If PATH/<split> is a directory it is used for that split.
   builtin:shapes      procedurally drawn labelled shapes (core/builtin_data.py).
+  builtin:shapes_plain  the same classes, larger, upright, flat backgrounds (the demo's data).
   builtin:photos      random crops of the photographs bundled with scikit-image.
 
 `batches(...)` yields {'image': uint8 [B, H, W, 3], 'label': int32 [B]} (+ 'mask' in eval)

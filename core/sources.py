@@ -202,7 +202,7 @@ def make_source(spec: str, split: str, *, image_size: int, data_dir: str | None 
         return open_tfds(name, spec_split or split, data_dir)
     raise DataError(
         f"Unknown data spec {spec!r}; valid forms: tfds:NAME[:SPLIT], folder:PATH, "
-        "builtin:shapes, builtin:photos."
+        "builtin:shapes, builtin:shapes_plain, builtin:photos."
     )
 
 

@@ -1,4 +1,4 @@
-"""The end-to-end CPU demo: every job of the codebase in turn, on builtin:shapes, then a report.
+"""The end-to-end CPU demo: every job of the codebase in turn, on built-in shapes, then a report.
 
   python run.py --config=configs/demo.py --workdir=runs/demo
 
@@ -205,8 +205,9 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
     samples_json = json.load(open(os.path.join(where["samples"], "samples.json")))
     lines = ["# Demo report", ""]
     lines += [
-        "Everything below ran on this machine from built-in data (`builtin:shapes`, 32x32, 10",
-        "classes): `python run.py --config=configs/demo.py --workdir=" + workdir + "`.",
+        "Everything below ran on this machine from built-in data "
+        f"(`{config.tokenizer.data.train}`,",
+        "32x32, 10 classes): `python run.py --config=configs/demo.py --workdir=" + workdir + "`.",
         "`shapes_accuracy` / `shapes_fd` come from a small shapes classifier (offline signals,",
         "**not FID**; compare them only with each other).",
         "",
@@ -300,7 +301,8 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
         "shapes_accuracy: how often the classifier assigns a sample its conditioning class "
         "(reconstructions: their true class); chance is "
         f"{1 / max(len(names), 1):.2g}. shapes_fd: Frechet distance of the classifier's "
-        "features against real `builtin:shapes` test images (lower is closer). The generator "
+        f"features against real `{config.evaluate.shapes.reference}` test images (lower is "
+        "closer). The generator "
         "cannot do better than its tokenizer's decoder: the reconstruction column is the "
         f"ceiling. Shapes classifier: {_fmt(cls_acc)} test accuracy on real images.",
         "",

@@ -261,13 +261,14 @@ def evaluate_samples(config, workdir: str, mesh) -> dict:
 
 
 def shapes_of_samples(config, out: dict, reader, shapes) -> dict:
-    """shapes_accuracy (needs arr_1 labels) and shapes_fd against builtin:shapes test images."""
+    """shapes_accuracy (needs arr_1 labels) and shapes_fd against the test images of
+    config.shapes.reference (builtin:shapes or builtin:shapes_plain)."""
     results = {}
     if reader.labels is not None:
         predicted = out["shapes_logits"].argmax(-1)
         results["shapes_accuracy"] = float((predicted == reader.labels[: len(predicted)]).mean())
     reference = source_outputs(
-        "builtin:shapes",
+        config.shapes.reference,
         "test",
         reader.image_size,
         len(out["shapes_features"]),

@@ -11,6 +11,7 @@ import functools
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -39,19 +40,62 @@ def optimizer_from_config(config):
     return optim.make_optimizer(**config.optimizer.to_dict(), total_steps=config.num_steps)
 
 
-def make_train_step(model_def: ts.ModelDef, optimizer):
-    """Cross-entropy step; BatchNorm statistics travel in model_state."""
+def degrade(images, key, probability: float, block: int):
+    """Each image, with `probability`, blurred and noised the way decoders blur and noise.
 
-    def loss_fn(params, model_state, batch):
+    Without this the classifier judged sharpness, not shape: 99 % on real images but 31 % on
+    real images after a 2x bilinear down-up. Per image, one blur (bilinear down-up by 2 or 4,
+    or a `block`x smaller image upsampled by repetition: a patch-`block` ViT decoder's look),
+    then per-block colour offsets (token seams, std up to 16) and pixel noise (std up to 8).
+    Returns float32 images in [0, 255].
+    """
+    x = images.astype(jnp.float32)
+    b, h, w, c = x.shape
+    k_apply, k_kind, k_seams, k_pixels, k_strength = jax.random.split(key, 5)
+
+    def down_up(factor, up_method):
+        small = jax.image.resize(x, (b, h // factor, w // factor, c), "bilinear", antialias=True)
+        return jax.image.resize(small, x.shape, up_method)
+
+    blurs = jnp.stack([down_up(2, "bilinear"), down_up(4, "bilinear"), down_up(block, "nearest")])
+    kind = jax.random.randint(k_kind, (b,), 0, len(blurs))
+    blurred = blurs[kind, jnp.arange(b)]
+    strength = jax.random.uniform(k_strength, (b, 1, 1, 1, 2)) * jnp.array([16.0, 8.0])
+    seam_std, pixel_std = strength[..., 0], strength[..., 1]
+    seams = jax.random.normal(k_seams, (b, h // block, w // block, c))
+    seams = jnp.repeat(jnp.repeat(seams, block, axis=1), block, axis=2)
+    noisy = blurred + seam_std * seams + pixel_std * jax.random.normal(k_pixels, x.shape)
+    apply = jax.random.bernoulli(k_apply, probability, (b, 1, 1, 1))
+    return jnp.clip(jnp.where(apply, noisy, x), 0.0, 255.0)
+
+
+def augment_from_config(config) -> dict | None:
+    a = config.get("augment")
+    if not a:
+        return None
+    return {"degrade_prob": float(a.degrade_prob), "block": int(a.block), "seed": config.seed}
+
+
+def make_train_step(model_def: ts.ModelDef, optimizer, augment=None):
+    """Cross-entropy step; BatchNorm statistics travel in model_state. `augment`:
+    {'degrade_prob', 'block', 'seed'} for `degrade` (None or probability 0: real images only)."""
+
+    def loss_fn(params, model_state, batch, key):
         model = model_def.merge(params, model_state)
-        logits = model(batch["image"], train=True)
+        images = batch["image"]
+        if augment and augment["degrade_prob"] > 0:
+            images = degrade(images, key, augment["degrade_prob"], augment["block"])
+        logits = model(images, train=True)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         accuracy = (logits.argmax(-1) == batch["label"]).mean()
         return loss, (accuracy, ts.model_state_of(model))
 
     def train_step(state: ts.TrainState, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (accuracy, model_state)), grads = grad_fn(state.params, state.model_state, batch)
+        key = jax.random.fold_in(jax.random.key(augment["seed"] if augment else 0), state.step)
+        (loss, (accuracy, model_state)), grads = grad_fn(
+            state.params, state.model_state, batch, key
+        )
         params, opt_state = ts.apply_gradients(optimizer, state, grads)
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
@@ -97,7 +141,10 @@ def run(config, workdir: str) -> dict:
     )
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4), "label": mesh_lib.batch_sharding(mesh)}
     train_step = ts.compile_train_step(
-        make_train_step(model_def, optimizer), shardings, batch_sh, mesh
+        make_train_step(model_def, optimizer, augment_from_config(config)),
+        shardings,
+        batch_sh,
+        mesh,
     )
     batches = data.training_batches(config, start_step=int(state.step))
     writer = loop.MetricWriter(workdir)

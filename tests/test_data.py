@@ -237,6 +237,22 @@ def test_shapes_dataset():
     )
 
 
+def test_plain_shapes_dataset():
+    """builtin:shapes_plain: same classes and splits, flat palette backgrounds, palette shapes."""
+    plain = data.make_source("builtin:shapes_plain", "train", image_size=32)
+    assert plain.num_classes == 10 and len(plain) == 50_000 and plain.name.endswith(":train")
+    images, labels = zip(*[plain.read(i) for i in range(200)], strict=True)
+    assert set(labels) == set(range(10))
+    for image in images[:50]:
+        corner = tuple(int(c) for c in image[0, 0])
+        assert corner in builtin_data.PLAIN_BACKGROUNDS  # Flat: every corner is one colour.
+        colours = {tuple(int(c) for c in p) for p in image.reshape(-1, 3)}
+        assert colours & set(builtin_data.PLAIN_COLOURS)  # The shape in a palette colour.
+    np.testing.assert_array_equal(plain.read(3)[0], plain.read(3)[0])
+    test = data.make_source("builtin:shapes_plain", "test", image_size=32)
+    assert not np.array_equal(plain.read(3)[0], test.read(3)[0])
+
+
 def test_shape_classes_differ_in_coverage():
     """Filled shapes cover more of the mask than their outlines (the label means something)."""
     rng = np.random.default_rng(0)
