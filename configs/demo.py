@@ -3,10 +3,11 @@
 
 builtin:shapes_plain rather than builtin:shapes: on the textured variant an 8x8-token, 256-code
 tokenizer spends its bits on background colours and loses the outlines (reconstructions are
-classified correctly 54 % of the time, so no generator on its tokens can do better), while on
-the plain variant 97 % of reconstructions keep their class.
+classified correctly 54 % of the time, which caps any generator on its tokens), while on the
+plain variant every reconstruction keeps its class. Samples: 0.982 shapes_accuracy on the
+plain variant; 0.61 when its shapes were rotated, 0.12 on builtin:shapes (README).
 
-  python run.py --config=configs/demo.py --workdir=runs/demo     # ~15 minutes on 2 CPU cores
+  python run.py --config=configs/demo.py --workdir=runs/demo     # ~8 minutes on 2 CPU cores
   python run.py --config=configs/demo.py:test --workdir=DIR      # seconds per stage (tests)
 
 Each stage is the sub-job's run() with the sub-config below (override any value, e.g.

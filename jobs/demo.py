@@ -227,9 +227,10 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
     lines += [
         "## Tokenizer",
         "",
-        f"`configs/vq_b16.py:tiny` settings: {tc.num_steps} steps of batch "
+        f"`configs/vq_b16.py:tiny` settings on `{tc.data.train}`: {tc.num_steps} steps of batch "
         f"{tc.data.global_batch_size}, {tc.quantizer.codebook_size} codes, patch "
-        f"{tc.model.encoder.patch_size} (8x8 tokens at 32x32).",
+        f"{tc.model.encoder.patch_size} (8x8 tokens at 32x32), dead-code restarts "
+        f"{'on' if tc.quantizer.restart_dead_codes else 'off'}.",
         "",
         "| metric | value |",
         "|---|---|",
