@@ -35,7 +35,7 @@ import jax  # noqa: E402
 
 from configs import export_tokens as export_config  # noqa: E402
 from configs import vq_b16  # noqa: E402
-from core import checkpoint, data, train_state  # noqa: E402
+from core import data  # noqa: E402
 from core import mesh as mesh_lib  # noqa: E402
 from core import trained_tokenizer as tt  # noqa: E402
 from jobs import export_tokens, train_tokenizer  # noqa: E402
@@ -57,21 +57,8 @@ SIZES = {
 def tokenizer_checkpoint(size: str, workdir: str) -> None:
     """Writes a step-0 checkpoint of the chosen tokenizer, as a training run would."""
     config = vq_b16.get_config("tiny")
-    for key, value in SIZES[size].items():
-        node, *path = key.split(".")
-        target = config[node]
-        for p in path[:-1]:
-            target = target[p]
-        target[path[-1]] = value
-    model_fn = train_tokenizer.model_fn_from_config(config)
-    optimizer = train_tokenizer.optimizer_from_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    _, _, shardings = train_state.state_shardings(model_fn, optimizer, mesh, rules)
-    state = train_state.init_state(model_fn, optimizer, shardings)
-    mngr = checkpoint.manager(workdir, keep=1, async_save=False)
-    checkpoint.save(mngr, 0, state, config.to_dict())
-    mngr.close()
+    config.update_from_flattened_dict(SIZES[size])
+    train_tokenizer.save_untrained(config, workdir)
 
 
 def bare_encode(tok_dir: str, num_images: int, batch_size: int, repeats: int) -> float:

@@ -291,3 +291,16 @@ def load_tokenizer(workdir: str, mesh=None, step: int | None = None) -> TrainedT
     return TrainedTokenizer(
         config, step, model_def, state.params, state.model_state, shardings, state.ema_params
     )
+
+
+def save_untrained(config, workdir: str) -> None:
+    """A step-0 checkpoint of `config`'s tokenizer, written as a training run writes it:
+    what export, MaskGIT and sampling tests and benchmarks load without training first."""
+    model_fn, optimizer = model_fn_from_config(config), optimizer_from_config(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    _, _, shardings = ts.state_shardings(model_fn, optimizer, mesh, rules)
+    state = ts.init_state(model_fn, optimizer, shardings)
+    manager = checkpoint.manager(workdir, keep=1, async_save=False)
+    checkpoint.save(manager, 0, state, config.to_dict())
+    manager.close()

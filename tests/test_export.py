@@ -20,8 +20,7 @@ from PIL import Image
 
 from configs import export_tokens as export_config
 from configs import vq_b16
-from core import builtin_data, checkpoint, token_manifest, token_shards, token_stats, train_state
-from core import mesh as mesh_lib
+from core import builtin_data, checkpoint, token_manifest, token_shards, token_stats
 from core import trained_tokenizer as tt
 from core.images import to_model, to_uint8
 from jobs import export_tokens, train_tokenizer
@@ -51,16 +50,7 @@ def tokenizer_dir(tmp_path_factory):
     """A tiny tokenizer checkpoint, written as a training run writes it (a freshly initialised
     state at step 0: training it first would only make the tests slower)."""
     workdir = str(tmp_path_factory.mktemp("tokenizer"))
-    config = vq_b16.get_config("tiny")
-    model_fn = train_tokenizer.model_fn_from_config(config)
-    optimizer = train_tokenizer.optimizer_from_config(config)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    _, _, shardings = train_state.state_shardings(model_fn, optimizer, mesh, rules)
-    state = train_state.init_state(model_fn, optimizer, shardings)
-    mngr = checkpoint.manager(workdir, keep=1, async_save=False)
-    checkpoint.save(mngr, 0, state, config.to_dict())
-    mngr.close()
+    train_tokenizer.save_untrained(vq_b16.get_config("tiny"), workdir)
     return workdir
 
 

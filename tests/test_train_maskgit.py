@@ -13,8 +13,8 @@ import optax
 import pytest
 from PIL import Image
 
-from configs import binary_b16, maskgit_b16, maskgit_binary_b16, vq_b16
 from configs import export_tokens as export_config
+from configs import maskgit_b16, vq_b16
 from configs import sample as sample_config
 from core import checkpoint, metrics, train_state
 from core import mesh as mesh_lib
@@ -26,33 +26,18 @@ from tokenizers.base import Vocab
 NUM = 96  # exported training examples: 6 batches of 16
 
 
-def _set(config, overrides):
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+def _set(config, overrides: dict):
+    """`config` with dotted-key overrides ('data.global_batch_size': 16) applied."""
+    config.update_from_flattened_dict(overrides)
     return config
-
-
-def _fresh_tokenizer(config, workdir: str) -> str:
-    """A tokenizer checkpoint as a training run writes it (fresh init, step 0)."""
-    model_fn = train_tokenizer.model_fn_from_config(config)
-    optimizer = train_tokenizer.optimizer_from_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    _, _, shardings = train_state.state_shardings(model_fn, optimizer, mesh, rules)
-    state = train_state.init_state(model_fn, optimizer, shardings)
-    mngr = checkpoint.manager(workdir, keep=1, async_save=False)
-    checkpoint.save(mngr, 0, state, config.to_dict())
-    mngr.close()
-    return workdir
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    return _fresh_tokenizer(vq_b16.get_config("tiny"), str(tmp_path_factory.mktemp("tokenizer")))
+    """A tiny tokenizer checkpoint as a training run writes it (fresh init, step 0)."""
+    workdir = str(tmp_path_factory.mktemp("tokenizer"))
+    train_tokenizer.save_untrained(vq_b16.get_config("tiny"), workdir)
+    return workdir
 
 
 @pytest.fixture(scope="module")
@@ -378,39 +363,3 @@ def test_configs_follow_the_official_maskgit_recipe():
     assert options["guidance_scale"] is None  # the original MaskGIT samples without guidance
     binary = maskgit_binary_b16.get_config()
     assert head_groups(Vocab(2**18, 18, (18,)), binary.model.head_group_bits) == (9, 9)
-
-
-def test_binary_tokens_train_factorised_heads_and_sample(tmp_path):
-    """configs/maskgit_binary_b16.py:tiny on an 18-bit LFQ tokenizer: export and on-the-fly
-    encoding give the same loss, the model has two 9-bit heads, samples decode to images."""
-    tokenizer = _fresh_tokenizer(binary_b16.get_config("tiny"), str(tmp_path / "tokenizer"))
-    export = export_config.get_config("tiny")
-    overrides = {"tokenizer_workdir": tokenizer, "data.split": "train", "max_examples": 32}
-    export_tokens.run(_set(export, {**overrides, "batch_size": 16}), str(tmp_path / "tokens"))
-    small = {
-        "num_steps": 2,
-        "data.global_batch_size": 16,
-        "data.max_examples": 32,
-        "model.width": 32,
-        "model.depth": 1,
-        "model.heads": 2,
-        "model.mlp_dim": 64,
-        "log_every": 1,
-        "checkpoint_every": 2,
-    }
-    results = {}
-    for source in ("export", "encode"):
-        config = _set(maskgit_binary_b16.get_config("tiny"), small)
-        config.tokenizer.workdir = tokenizer if source == "encode" else ""
-        config.tokens.export_dir = str(tmp_path / "tokens") if source == "export" else ""
-        results[source] = train_maskgit.run(config, str(tmp_path / source))
-    assert results["export"]["loss"] == pytest.approx(results["encode"]["loss"], rel=1e-5)
-    maskgit = train_maskgit.load_maskgit(str(tmp_path / "export"))
-    assert maskgit.resolved["vocab"]["bits"] == 18
-    model = maskgit.model_def.merge(maskgit.params, maskgit.model_state)
-    assert model.layout.sizes == (512, 512)
-    config = _sample_cfg(str(tmp_path / "export"), num_samples=8, batch_size=8, classes=(2,))
-    config.tokenizer_workdir = tokenizer  # the export run names no tokenizer workdir
-    assert sample.run(config, str(tmp_path / "samples"))["num_samples"] == 8
-    with np.load(str(tmp_path / "samples" / "samples.npz")) as z:
-        assert z["arr_0"].shape == (8, 32, 32, 3) and list(z["arr_1"]) == [2] * 8
