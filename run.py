@@ -13,18 +13,23 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only used for TFDS input
 
+if __package__ != "visual_tokenizers":  # run as a script: use this checkout, installed or not
+    import this_checkout
+
+    this_checkout.use()
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 # config.job -> module under jobs/ exposing run(config, workdir) -> dict.
 JOBS = {
-    "train_tokenizer": "jobs.train_tokenizer",
-    "train_classifier": "jobs.train_classifier",
-    "evaluate": "jobs.evaluate",
-    "export_tokens": "jobs.export_tokens",
-    "train_maskgit": "jobs.train_maskgit",
-    "sample": "jobs.sample",
-    "demo": "jobs.demo",
+    "train_tokenizer": "visual_tokenizers.jobs.train_tokenizer",
+    "train_classifier": "visual_tokenizers.jobs.train_classifier",
+    "evaluate": "visual_tokenizers.jobs.evaluate",
+    "export_tokens": "visual_tokenizers.jobs.export_tokens",
+    "train_maskgit": "visual_tokenizers.jobs.train_maskgit",
+    "sample": "visual_tokenizers.jobs.sample",
+    "demo": "visual_tokenizers.jobs.demo",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,7 +61,7 @@ def job_module(name: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from core import mesh as mesh_lib
+    from visual_tokenizers.core.runtime import mesh as mesh_lib
 
     mesh_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value

@@ -35,14 +35,17 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import this_checkout  # noqa: E402
+
+this_checkout.use()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.quantizer_speed import device_name, gib, measure  # noqa: E402
-from tokenizers.binary import LookupFreeQuantizer  # noqa: E402
+from visual_tokenizers.benchmarks.quantizer_speed import device_name, gib, measure  # noqa: E402
+from visual_tokenizers.tokenizers.binary import LookupFreeQuantizer  # noqa: E402
 
 BITS, INV_T = 18, 100.0
 PEER_NAME = "vector-quantize-pytorch LFQ"

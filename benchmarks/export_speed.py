@@ -30,15 +30,18 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import this_checkout  # noqa: E402
+
+this_checkout.use()
 
 import jax  # noqa: E402
 
-from configs import export_tokens as export_config  # noqa: E402
-from configs import vq_b16  # noqa: E402
-from core import data  # noqa: E402
-from core import mesh as mesh_lib  # noqa: E402
-from core import trained_tokenizer as tt  # noqa: E402
-from jobs import export_tokens, train_tokenizer  # noqa: E402
+from visual_tokenizers.configs import export_tokens as export_config  # noqa: E402
+from visual_tokenizers.configs import vq_b16  # noqa: E402
+from visual_tokenizers.core import trained_tokenizer as tt  # noqa: E402
+from visual_tokenizers.core.data import pipeline as data  # noqa: E402
+from visual_tokenizers.core.runtime import mesh as mesh_lib  # noqa: E402
+from visual_tokenizers.jobs import export_tokens, train_tokenizer  # noqa: E402
 
 SIZES = {
     # configs/vq_b16.py:tiny as it is: 32x32 images, 8x8 tokens, 256 codes.

@@ -43,6 +43,9 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import this_checkout  # noqa: E402
+
+this_checkout.use()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,7 +53,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tokenizers.vq import VectorQuantizer  # noqa: E402
+from visual_tokenizers.tokenizers.vq import VectorQuantizer  # noqa: E402
 
 CASES = [(1024, 8), (1024, 256), (16384, 8), (16384, 256)]
 PEER_NAME = "vector-quantize-pytorch VectorQuantize"

@@ -39,6 +39,9 @@ import time
 from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import this_checkout  # noqa: E402
+
+this_checkout.use()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -46,9 +49,9 @@ from flax import nnx  # noqa: E402
 from maskgit.libml import parallel_decode  # noqa: E402
 from maskgit.nets import maskgit_transformer  # noqa: E402
 
-from benchmarks.tokenizer_speed import compile_seconds, time_pair  # noqa: E402
-from models.maskgit import MaskGIT, make_sampler  # noqa: E402
-from tokenizers.base import Vocab  # noqa: E402
+from visual_tokenizers.benchmarks.tokenizer_speed import compile_seconds, time_pair  # noqa: E402
+from visual_tokenizers.models.maskgit import MaskGIT, make_sampler  # noqa: E402
+from visual_tokenizers.tokenizers.base import Vocab  # noqa: E402
 
 PEER_NAME = "official MaskGIT transformer + parallel_decode (maskgit==0.0.1.dev0, jax.jit)"
 CHOICE_TEMPERATURE = 4.5

@@ -29,6 +29,9 @@ from functools import partial
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import this_checkout  # noqa: E402
+
+this_checkout.use()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -37,9 +40,9 @@ from flax import nnx  # noqa: E402
 from maskgit.configs import vqgan_config  # noqa: E402
 from maskgit.nets import vqgan_tokenizer  # noqa: E402
 
-from configs import vqgan_f16  # noqa: E402
-from jobs import train_tokenizer  # noqa: E402
-from models.conv import load_maskgit_params  # noqa: E402
+from visual_tokenizers.configs import vqgan_f16  # noqa: E402
+from visual_tokenizers.jobs import train_tokenizer  # noqa: E402
+from visual_tokenizers.models.conv import load_maskgit_params  # noqa: E402
 
 PEER_NAME = "official MaskGIT VQGAN (maskgit==0.0.1.dev0, flax.linen, jax.jit)"
 SIZE = 256

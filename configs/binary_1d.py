@@ -13,7 +13,7 @@ Any quantizer works with 1-D latents: e.g. `--config.quantizer=...` from configs
 
 from ml_collections import ConfigDict
 
-from configs import binary_b16, common
+from visual_tokenizers.configs import binary_b16, common
 
 BITS = 16
 NUM_LATENTS = 128  # TiTok-B-128 sequence length

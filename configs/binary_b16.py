@@ -14,7 +14,7 @@ The argument is a set of variant words joined by '_' or ',': 'lfq' or 'bsq', and
 
 from ml_collections import ConfigDict
 
-from configs import common
+from visual_tokenizers.configs import common
 
 BITS = 18
 

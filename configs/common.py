@@ -2,7 +2,7 @@
 
 from ml_collections import ConfigDict
 
-from core.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
 
 # LlamaGen VQ tokenizer (tokenizer/tokenizer_image/vq_train.py): torch Adam (0.9, 0.95), lr
 # 1e-4, constant, grad-norm clip 1.0, the same for the discriminator; its --weight-decay 0.05

@@ -16,7 +16,14 @@ Each stage is the sub-job's run() with the sub-config below (override any value,
 
 from ml_collections import ConfigDict
 
-from configs import evaluate, export_tokens, maskgit_b16, sample, shapes_classifier, vq_b16
+from visual_tokenizers.configs import (
+    evaluate,
+    export_tokens,
+    maskgit_b16,
+    sample,
+    shapes_classifier,
+    vq_b16,
+)
 
 DATA = "builtin:shapes_plain"
 

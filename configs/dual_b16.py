@@ -15,7 +15,7 @@ models/teacher.py). TokenFlow itself uses CLIP ViT-B/14 (ablations) and SigLIP S
 
 from ml_collections import ConfigDict
 
-from configs import common
+from visual_tokenizers.configs import common
 
 VIT_B16 = dict(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072)  # ViT-B/16
 

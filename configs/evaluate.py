@@ -11,7 +11,7 @@ of generated samples (gFID, IS, precision, recall). See README "Evaluation proto
 
 from ml_collections import ConfigDict
 
-from core.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
 
 TOKENIZER_METRICS = ("fid", "psnr", "ssim", "lpips", "usage", "shapes")
 SAMPLE_METRICS = ("fid", "is", "pr", "shapes")

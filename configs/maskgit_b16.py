@@ -14,7 +14,7 @@ maskgit/configs/maskgit_class_cond_config.py, and its base_config); see REFERENC
 
 from ml_collections import ConfigDict
 
-from core.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
 
 
 def sampling(**overrides) -> dict:

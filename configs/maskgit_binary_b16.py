@@ -10,7 +10,7 @@ models/maskgit.py). Everything else is configs/maskgit_b16.py (official MaskGIT 
       --config.tokenizer.workdir=runs/binary_tiny   # CPU: configs/binary_b16.py:tiny's run
 """
 
-from configs import maskgit_b16
+from visual_tokenizers.configs import maskgit_b16
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ choice temperature 4.5, cosine schedule, no guidance (guidance_scale 1).
 
 from ml_collections import ConfigDict
 
-from configs.maskgit_b16 import sampling
+from visual_tokenizers.configs.maskgit_b16 import sampling
 
 
 def get_config(arg=None):

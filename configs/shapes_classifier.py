@@ -8,7 +8,7 @@ The evaluation job trains the default variant on demand and caches it in its wor
 
 from ml_collections import ConfigDict
 
-from core.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
 
 
 def get_config(arg=None):

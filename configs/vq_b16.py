@@ -7,7 +7,7 @@
 
 from ml_collections import ConfigDict
 
-from configs import common
+from visual_tokenizers.configs import common
 
 
 def get_config(arg=None):

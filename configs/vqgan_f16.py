@@ -14,7 +14,7 @@ weight files (core/weights.py).
 
 from ml_collections import ConfigDict
 
-from configs import common
+from visual_tokenizers.configs import common
 
 
 def get_config(arg=None):

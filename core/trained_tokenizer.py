@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core import mesh as mesh_lib
-from core.images import to_model
+from visual_tokenizers.core.data.images import to_model
+from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
 @dataclasses.dataclass
@@ -54,7 +54,9 @@ def restore(workdir: str, mesh, step: int | None = None, use_ema: bool = True) -
 
     The EMA weights are the checkpoint's `ema_params` (`TrainedTokenizer.ema_params`).
     """
-    from jobs.train_tokenizer import load_tokenizer  # Lazy: jobs import core, not the reverse.
+    from visual_tokenizers.jobs.train_tokenizer import (
+        load_tokenizer,  # Lazy: jobs import core, not the reverse.
+    )
 
     tokenizer = load_tokenizer(workdir, mesh=mesh, step=step)
     ema = tokenizer.ema_params if use_ema else None

@@ -25,7 +25,7 @@ import time
 
 import ml_collections
 
-from core import checkpoint
+from visual_tokenizers.core.runtime import checkpoint
 
 STAGES_FILE = "stages.json"
 REPORT = "report.md"
@@ -74,7 +74,7 @@ def _copy(config) -> ml_collections.ConfigDict:
 
 
 def run(config, workdir: str) -> dict:
-    from jobs import (
+    from visual_tokenizers.jobs import (
         evaluate,
         export_tokens,
         sample,

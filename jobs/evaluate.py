@@ -22,11 +22,18 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from configs.evaluate import SAMPLE_METRICS, TOKENIZER_METRICS
-from core import data, metrics, weights
-from core import mesh as mesh_lib
-from core.fid_reference import FidReference, global_mask, progress, source_outputs
-from core.images import to_model
+from visual_tokenizers.configs.evaluate import SAMPLE_METRICS, TOKENIZER_METRICS
+from visual_tokenizers.core import weights
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.data.images import to_model
+from visual_tokenizers.core.evaluation import metrics
+from visual_tokenizers.core.evaluation.reference import (
+    FidReference,
+    global_mask,
+    progress,
+    source_outputs,
+)
+from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
 def validate(config) -> None:
@@ -68,7 +75,7 @@ def run(config, workdir: str) -> dict:
 @functools.cache
 def inception_apply(path: str, mesh) -> tuple[metrics.ShardedApply, str]:
     """(uint8 images -> {'pool', 'logits'}, sha256 of the weights); built once per process."""
-    from models import inception
+    from visual_tokenizers.models import inception
 
     net, file = inception.load_fid_inception(path or None)
     apply = metrics.ShardedApply(net, lambda m, x: m(x), mesh, prepare=inception.preprocess)
@@ -77,7 +84,7 @@ def inception_apply(path: str, mesh) -> tuple[metrics.ShardedApply, str]:
 
 @functools.cache
 def lpips_apply(vgg_path: str, lpips_path: str, mesh) -> metrics.ShardedApply:
-    from models import lpips
+    from visual_tokenizers.models import lpips
 
     model, _ = lpips.load_lpips(vgg_path or None, lpips_path or None)
     return metrics.ShardedApply(model, lambda m, a, b: m(to_model(a), to_model(b)), mesh)
@@ -85,8 +92,8 @@ def lpips_apply(vgg_path: str, lpips_path: str, mesh) -> metrics.ShardedApply:
 
 def shapes_apply(config, workdir: str, mesh) -> metrics.ShardedApply:
     """The shapes classifier cached in its workdir (trained there on first use)."""
-    from configs import shapes_classifier
-    from jobs import train_classifier
+    from visual_tokenizers.configs import shapes_classifier
+    from visual_tokenizers.jobs import train_classifier
 
     where = config.shapes.classifier_workdir or os.path.join(workdir, "shapes_classifier")
     recipe = shapes_classifier.get_config(config.shapes.classifier_variant or None)
@@ -104,7 +111,7 @@ def _gather(tree):
 
 def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
     """Reconstructs config.num_examples images with a trained tokenizer and measures them."""
-    from jobs import train_tokenizer
+    from visual_tokenizers.jobs import train_tokenizer
 
     step = None if config.tokenizer.step < 0 else config.tokenizer.step
     tok = train_tokenizer.load_tokenizer(config.tokenizer.workdir, mesh, step)

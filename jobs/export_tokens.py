@@ -34,11 +34,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from core import checkpoint, data
-from core import mesh as mesh_lib
-from core import token_manifest as manifest_lib
-from core import token_shards as shards_lib
-from core import trained_tokenizer as tt
+from visual_tokenizers.core import trained_tokenizer as tt
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.runtime import checkpoint
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.tokens import manifest as manifest_lib
+from visual_tokenizers.core.tokens import shards as shards_lib
 
 MODES = ("export", "decode", "stats")
 

@@ -30,10 +30,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from core import mesh as mesh_lib
-from core import trained_tokenizer as tt
-from core.images import save_grid
-from models.maskgit import make_sampler
+from visual_tokenizers.core import trained_tokenizer as tt
+from visual_tokenizers.core.data.images import save_grid
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.models.maskgit import make_sampler
 
 PARTS = ".parts"
 RESULT = "samples.json"
@@ -155,7 +155,9 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    from jobs.train_maskgit import load_maskgit  # Lazy: train_maskgit imports this module.
+    from visual_tokenizers.jobs.train_maskgit import (
+        load_maskgit,  # Lazy: train_maskgit imports this module.
+    )
 
     validate(config)
     os.makedirs(workdir, exist_ok=True)

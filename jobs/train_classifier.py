@@ -16,10 +16,12 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from core import checkpoint, data, loop, metrics, optim
-from core import mesh as mesh_lib
-from core import train_state as ts
-from models.classifier import ShapesClassifier
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.evaluation import metrics
+from visual_tokenizers.core.runtime import checkpoint, loop, optim
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.models.classifier import ShapesClassifier
 
 
 def model_fn_from_config(config):
@@ -188,7 +190,7 @@ def ensure_classifier(workdir: str, config=None, mesh=None) -> ShapesClassifier:
         finished = False
     if not finished:
         if config is None:
-            from configs import shapes_classifier
+            from visual_tokenizers.configs import shapes_classifier
 
             config = shapes_classifier.get_config()
         logging.info("training the shapes classifier in %s (cached for later runs)", workdir)

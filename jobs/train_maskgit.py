@@ -26,15 +26,16 @@ import ml_collections
 import optax
 from flax import nnx
 
-from core import checkpoint, data, loop, optim
-from core import mesh as mesh_lib
-from core import token_batches as tb
-from core import train_state as ts
-from core import trained_tokenizer as tt
-from models.maskgit import MaskGIT
-from models.maskgit_decode import SCHEDULES
-from tokenizers.base import Vocab
-from tokenizers.tokenizer import DTYPES
+from visual_tokenizers.core import trained_tokenizer as tt
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.runtime import checkpoint, loop, optim
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.core.tokens import batches as tb
+from visual_tokenizers.models.maskgit import MaskGIT
+from visual_tokenizers.models.maskgit_decode import SCHEDULES
+from visual_tokenizers.tokenizers.base import Vocab
+from visual_tokenizers.tokenizers.tokenizer import DTYPES
 
 
 def build_maskgit(*, seed: int, dtype: str, **kwargs) -> MaskGIT:
@@ -200,7 +201,7 @@ def _check_tokenizer(config, vocab: Vocab, mesh) -> None:
     if not config.tokenizer.workdir:
         return
     step, saved = checkpoint.read_config(config.tokenizer.workdir)
-    from jobs.train_tokenizer import model_fn_from_config as tokenizer_fn
+    from visual_tokenizers.jobs.train_tokenizer import model_fn_from_config as tokenizer_fn
 
     theirs = nnx.eval_shape(tokenizer_fn(ml_collections.ConfigDict(saved))).vocab
     if theirs != vocab:
@@ -313,7 +314,9 @@ def run(config, workdir: str) -> dict:
     step_with_tokens = _with_encoding(train_step, tokens, mesh, config)
     sampler = None
     if config.sample.every > 0:
-        from jobs import sample as sample_job  # Lazy: sampling pulls in the decoder.
+        from visual_tokenizers.jobs import (
+            sample as sample_job,  # Lazy: sampling pulls in the decoder.
+        )
 
         sampler = sample_job.GridSampler.create(config, model_def, tokens.tokenizer, mesh, workdir)
     batches = host_batches(config, tokens, int(state.step))

@@ -19,13 +19,15 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from core import checkpoint, data, loop, metrics, optim
-from core import mesh as mesh_lib
-from core import train_state as ts
-from core.images import save_grid, to_model
-from models.discriminator import DISCRIMINATORS, build_discriminator
-from tokenizers import training
-from tokenizers.tokenizer import DTYPES, build_tokenizer
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.data.images import save_grid, to_model
+from visual_tokenizers.core.evaluation import metrics
+from visual_tokenizers.core.runtime import checkpoint, loop, optim
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.models.discriminator import DISCRIMINATORS, build_discriminator
+from visual_tokenizers.tokenizers import training
+from visual_tokenizers.tokenizers.tokenizer import DTYPES, build_tokenizer
 
 make_train_step = training.make_train_step  # the step every tokenizer family trains with
 
@@ -76,7 +78,9 @@ def perceptual_network(config):
     """(LPIPS graphdef, its weights) when loss.perceptual_weight > 0, else (None, None)."""
     if not config.loss.perceptual_weight:
         return None, None
-    from models import lpips  # Lazy: only runs with a perceptual loss read the VGG weights.
+    from visual_tokenizers.models import (
+        lpips,  # Lazy: only runs with a perceptual loss read the VGG weights.
+    )
 
     # Default matmul precision: a training loss, unlike the LPIPS metric.
     model, files = lpips.load_lpips(
@@ -181,7 +185,9 @@ def _maybe_rfid(config, state, eval_step, mesh, step) -> dict:
     every = config.eval.get("fid_every", 0)
     if not every or (step % every and step < config.num_steps):
         return {}
-    from jobs import evaluate as evaluate_job  # Lazy: only runs that ask for rFID load Inception.
+    from visual_tokenizers.jobs import (
+        evaluate as evaluate_job,  # Lazy: only runs that ask for rFID load Inception.
+    )
 
     rfid = evaluate_job.training_rfid(
         config, lambda batch: eval_step(eval_params(state), state.model_state, batch), mesh
@@ -221,7 +227,7 @@ def run(config, workdir: str) -> dict:
         discriminator=disc,
     )
     if fresh and "teacher" in config:  # dual tokenizer: load the frozen teacher once
-        from models import teacher
+        from visual_tokenizers.models import teacher
 
         state = teacher.init_train_state(state, config.teacher)
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}

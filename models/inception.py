@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from core import weights as weights_lib
+from visual_tokenizers.core import weights as weights_lib
 
 INPUT_SIZE = 299
 BN_EPS = 1e-3

@@ -48,11 +48,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from core import mesh as mesh_lib
-from models import maskgit_decode as dec
-from models.vit import Attention, MlpBlock, _dense, _norm
-from tokenizers.base import Vocab
-from tokenizers.binary import MAX_INT32_BITS, bits_to_indices, indices_to_bits, split_bits
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.models import maskgit_decode as dec
+from visual_tokenizers.models.vit import Attention, MlpBlock, _dense, _norm
+from visual_tokenizers.tokenizers.base import Vocab
+from visual_tokenizers.tokenizers.binary import (
+    MAX_INT32_BITS,
+    bits_to_indices,
+    indices_to_bits,
+    split_bits,
+)
 
 _embed_init = nnx.initializers.truncated_normal(stddev=0.02)  # BERT / MaskGIT init
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from core import weights as weights_lib
-from models.big_vision_npz import (  # noqa: F401  (re-exported: the teacher's file format)
+from visual_tokenizers.core import weights as weights_lib
+from visual_tokenizers.models.big_vision_npz import (  # noqa: F401  (re-exported: the teacher's file format)
     TRUNK_PARTS,
     TeacherWeightsError,
     big_vision_to_vit,
@@ -35,7 +35,7 @@ from models.big_vision_npz import (  # noqa: F401  (re-exported: the teacher's f
     trunk_of,
     vit_to_big_vision,
 )
-from models.vit import ViTEncoder
+from visual_tokenizers.models.vit import ViTEncoder
 
 
 class TeacherWeight(nnx.Variable):

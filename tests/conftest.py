@@ -13,3 +13,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import this_checkout  # noqa: E402
+
+this_checkout.use()  # the checkout as the `visual_tokenizers` package

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokenizers import binary
-from tokenizers.base import Vocab
-from tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
+from visual_tokenizers.tokenizers import binary
+from visual_tokenizers.tokenizers.base import Vocab
+from visual_tokenizers.tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
 
 CLASSES = {"lfq": LookupFreeQuantizer, "bsq": BinarySphericalQuantizer}
 
@@ -317,8 +317,8 @@ def test_quantizer_arguments_are_checked():
 
 
 def test_binary_configs_and_variants():
-    b16 = importlib.import_module("configs.binary_b16")
-    one_d = importlib.import_module("configs.binary_1d")
+    b16 = importlib.import_module("visual_tokenizers.configs.binary_b16")
+    one_d = importlib.import_module("visual_tokenizers.configs.binary_1d")
     full = b16.get_config()
     assert (full.quantizer.name, full.quantizer.bits) == ("lfq", 18)
     assert full.data.image_size // full.model.encoder.patch_size == 16
@@ -341,9 +341,9 @@ def test_binary_configs_and_variants():
 
 def _train_steps(config, mesh, batches):
     """Train steps of `config` on `mesh` as in tests/test_sharding.py; (init, state, losses)."""
-    from core import mesh as mesh_lib
-    from core import train_state as ts
-    from jobs import train_tokenizer
+    from visual_tokenizers.core.runtime import mesh as mesh_lib
+    from visual_tokenizers.core.runtime import train_state as ts
+    from visual_tokenizers.jobs import train_tokenizer
 
     model_fn = train_tokenizer.model_fn_from_config(config)
     optimizer = train_tokenizer.optimizer_from_config(config)
@@ -365,8 +365,8 @@ def _train_steps(config, mesh, batches):
 
 
 def test_sharded_train_step_matches_single_device():
-    from configs import binary_b16
-    from core import mesh as mesh_lib
+    from visual_tokenizers.configs import binary_b16
+    from visual_tokenizers.core.runtime import mesh as mesh_lib
 
     config = binary_b16.get_config("tiny")
     rng = np.random.default_rng(0)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import run
-from core import train_state
-from jobs import train_tokenizer
-from tokenizers import training
+from visual_tokenizers import run
+from visual_tokenizers.core.runtime import train_state
+from visual_tokenizers.jobs import train_tokenizer
+from visual_tokenizers.tokenizers import training
 
 CONFIG_FILES = sorted(
     os.path.basename(p)[:-3]
@@ -44,7 +44,7 @@ def _check_tokenizer_config(full, tiny):
 
 
 def _check_export_config(full, tiny):
-    from jobs import export_tokens
+    from visual_tokenizers.jobs import export_tokens
 
     assert tiny.data.source.startswith("builtin:")
     export_tokens.validate_config(tiny)
@@ -52,7 +52,7 @@ def _check_export_config(full, tiny):
 
 
 def _check_classifier_config(full, tiny):
-    from jobs import train_classifier
+    from visual_tokenizers.jobs import train_classifier
 
     assert tiny.data.train.startswith("builtin:") and tiny.num_steps <= full.num_steps
     model = train_classifier.model_fn_from_config(tiny)()
@@ -62,7 +62,7 @@ def _check_classifier_config(full, tiny):
 
 def _check_evaluate_config(full, tiny):
     """Nothing of its own to build; the tiny variant must run offline (no Inception or VGG)."""
-    from jobs import evaluate
+    from visual_tokenizers.jobs import evaluate
 
     for config in (full, tiny):
         config.tokenizer.workdir = "some_run"
@@ -73,7 +73,7 @@ def _check_evaluate_config(full, tiny):
 def _tokenizer_of(config):
     """The tokenizer config a MaskGIT config's tokens come from (binary when it factorises)."""
     name = "binary_b16" if config.model.head_group_bits else "vq_b16"
-    return importlib.import_module(f"configs.{name}")
+    return importlib.import_module(f"visual_tokenizers.configs.{name}")
 
 
 def _check_maskgit_config(full, tiny):
@@ -81,7 +81,7 @@ def _check_maskgit_config(full, tiny):
     one is traced abstractly on the full tokenizer's vocabulary and 16x16 grid."""
     from ml_collections import ConfigDict
 
-    from jobs import train_maskgit
+    from visual_tokenizers.jobs import train_maskgit
 
     assert tiny.data.train.startswith("builtin:") and tiny.data.image_size <= 64
     module = _tokenizer_of(full)
@@ -110,7 +110,7 @@ def _check_maskgit_config(full, tiny):
 
 
 def _check_sample_config(full, tiny):
-    from jobs import sample
+    from visual_tokenizers.jobs import sample
 
     sample.validate(tiny)
     full.maskgit_workdir = "some_run"
@@ -147,7 +147,7 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_full_and_tiny_build(name):
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(f"visual_tokenizers.configs.{name}")
     full, tiny = module.get_config(), module.get_config("tiny")
     assert full.job == tiny.job and full.job in run.JOBS
     assert importlib.import_module(run.JOBS[full.job]).run
@@ -158,13 +158,13 @@ def test_config_full_and_tiny_build(name):
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_unknown_variant_is_an_error(name):
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(f"visual_tokenizers.configs.{name}")
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("huge")
 
 
 def test_vq_b16_matches_the_published_recipe():
-    config = importlib.import_module("configs.vq_b16").get_config()
+    config = importlib.import_module("visual_tokenizers.configs.vq_b16").get_config()
     assert config.data.image_size // config.model.encoder.patch_size == 16
     assert config.quantizer.codebook_size == 16384
     assert config.quantizer.code_dim == 8 and config.quantizer.l2_normalize

@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import discriminator as disc
-from models.conv import ConvDecoder, ConvEncoder, load_maskgit_params, maskgit_param_names
-from tokenizers.tokenizer import build_tokenizer
+from visual_tokenizers.models import discriminator as disc
+from visual_tokenizers.models.conv import (
+    ConvDecoder,
+    ConvEncoder,
+    load_maskgit_params,
+    maskgit_param_names,
+)
+from visual_tokenizers.tokenizers.tokenizer import build_tokenizer
 
 vqgan_tokenizer = pytest.importorskip("maskgit.nets.vqgan_tokenizer")
 vqgan_config = pytest.importorskip("maskgit.configs.vqgan_config")
@@ -73,8 +78,8 @@ def test_same_tree_and_parameter_count_as_official_at_256():
     ours_total = count(nnx.state(encoder, nnx.Param)) + count(nnx.state(decoder, nnx.Param))
     assert ours_total == count(theirs["encoder"]) + count(theirs["decoder"])
     # Whole tokenizer, as configs/vqgan_f16.py builds it: plus the 1024 x 256 codebook.
-    from configs import vqgan_f16
-    from jobs import train_tokenizer
+    from visual_tokenizers.configs import vqgan_f16
+    from visual_tokenizers.jobs import train_tokenizer
 
     tokenizer = nnx.eval_shape(train_tokenizer.model_fn_from_config(vqgan_f16.get_config()))
     assert count(nnx.state(tokenizer, nnx.Param)) == count(theirs)
@@ -122,7 +127,7 @@ def test_outputs_match_official_with_copied_weights():
 
 
 def test_shortcut_reads_the_block_output():
-    from models.conv import ResBlock
+    from visual_tokenizers.models.conv import ResBlock
 
     @nnx.jit  # one compilation instead of many eager ops
     def outputs(block, x):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import builtin_data, data, data_tfds
+from visual_tokenizers.core.data import builtin as builtin_data
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.data import tfds as data_tfds
 
 
 class IndexSource:
@@ -177,7 +179,7 @@ def test_folder_skips_and_counts_corrupt_files(tmp_path, caplog):
     assert sorted(source.labels) == [0, 0, 1, 1, 1]
     image, label = source.read(source.files.index(os.path.join("dog", "c.webp")))
     assert image.shape == (18, 18, 3) and label == 1
-    with caplog.at_level(logging.WARNING, logger="core.data"):
+    with caplog.at_level(logging.WARNING, logger="visual_tokenizers.core.data"):
         it = data.batches(
             f"folder:{tmp_path}",
             split="train",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo as demo_config
-from jobs import demo
+from visual_tokenizers.configs import demo as demo_config
+from visual_tokenizers.jobs import demo
 
 SECTIONS = (
     "## Timings",

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import dual_b16
-from core import mesh as mesh_lib
-from core import train_state as ts
-from jobs import train_tokenizer
-from models import teacher as teacher_lib
-from models.vit import ViTEncoder
-from tokenizers import losses as losses_lib
-from tokenizers.dual import DualCodebookQuantizer
+from visual_tokenizers.configs import dual_b16
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.jobs import train_tokenizer
+from visual_tokenizers.models import teacher as teacher_lib
+from visual_tokenizers.models.vit import ViTEncoder
+from visual_tokenizers.tokenizers import losses as losses_lib
+from visual_tokenizers.tokenizers.dual import DualCodebookQuantizer
 
 SEM, PIX = 32, 8  # code dims; the quantizer's inputs have these widths, so no projections
 

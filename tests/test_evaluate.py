@@ -19,12 +19,14 @@ import pytest
 import reference_weights
 from flax import nnx
 
-from configs import evaluate as evaluate_config
-from configs import shapes_classifier, vq_b16
-from core import builtin_data, metrics, weights
-from core import mesh as mesh_lib
-from core.images import to_model, to_uint8
-from jobs import evaluate, train_classifier, train_tokenizer
+from visual_tokenizers.configs import evaluate as evaluate_config
+from visual_tokenizers.configs import shapes_classifier, vq_b16
+from visual_tokenizers.core import weights
+from visual_tokenizers.core.data import builtin as builtin_data
+from visual_tokenizers.core.data.images import to_model, to_uint8
+from visual_tokenizers.core.evaluation import metrics
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.jobs import evaluate, train_classifier, train_tokenizer
 
 N = 16  # Images per evaluation: enough to exercise batching, small enough for CPU.
 

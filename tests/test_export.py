@@ -18,12 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from configs import export_tokens as export_config
-from configs import vq_b16
-from core import builtin_data, checkpoint, token_manifest, token_shards, token_stats
-from core import trained_tokenizer as tt
-from core.images import to_model, to_uint8
-from jobs import export_tokens, train_tokenizer
+from visual_tokenizers.configs import export_tokens as export_config
+from visual_tokenizers.configs import vq_b16
+from visual_tokenizers.core import trained_tokenizer as tt
+from visual_tokenizers.core.data import builtin as builtin_data
+from visual_tokenizers.core.data.images import to_model, to_uint8
+from visual_tokenizers.core.runtime import checkpoint
+from visual_tokenizers.core.tokens import manifest as token_manifest
+from visual_tokenizers.core.tokens import shards as token_shards
+from visual_tokenizers.core.tokens import stats as token_stats
+from visual_tokenizers.jobs import export_tokens, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = 200  # examples exported: 13 batches of 16, 7 shards of <= 32 rows
@@ -297,7 +301,7 @@ def test_ema_params_are_read_from_a_checkpoint_that_has_them(tokenizer_dir, load
 
 
 def test_token_layout_round_trip_and_limits():
-    from tokenizers.base import Vocab
+    from visual_tokenizers.tokenizers.base import Vocab
 
     layout = token_shards.TokenLayout.create((4, 4), Vocab(size=512), offset=7, delimiters=True)
     indices = np.random.default_rng(0).integers(0, 512, (3, 4, 4))

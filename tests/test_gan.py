@@ -9,14 +9,14 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import vq_b16, vqgan_f16
-from core import checkpoint
-from core import mesh as mesh_lib
-from core import train_state as ts
-from core.images import to_model
-from jobs import train_tokenizer
-from models.lpips import LPIPS
-from tokenizers import losses
+from visual_tokenizers.configs import vq_b16, vqgan_f16
+from visual_tokenizers.core.data.images import to_model
+from visual_tokenizers.core.runtime import checkpoint
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.jobs import train_tokenizer
+from visual_tokenizers.models.lpips import LPIPS
+from visual_tokenizers.tokenizers import losses
 
 
 def gan_config(**loss):

@@ -6,10 +6,10 @@ import reference_weights
 import torch
 import torch.nn.functional as F
 
-from core import mesh as mesh_lib
-from core import weights
-from jobs import evaluate
-from models import inception
+from visual_tokenizers.core import weights
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.jobs import evaluate
+from visual_tokenizers.models import inception
 
 SIZES = [(64, 64), (256, 256), (300, 200)]
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokenizers import losses
+from visual_tokenizers.tokenizers import losses
 
 REAL = jnp.array([2.0, -1.0, 0.5])
 FAKE = jnp.array([-3.0, 0.2, 1.5])

@@ -5,9 +5,10 @@ import pytest
 import reference_weights
 import torch
 
-from core import mesh as mesh_lib
-from core import metrics, weights
-from models import lpips
+from visual_tokenizers.core import weights
+from visual_tokenizers.core.evaluation import metrics
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.models import lpips
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from core import mesh as mesh_lib
-from models import maskgit_decode as dec
-from models.maskgit import MaskGIT, TokenLayout, make_sampler
-from tokenizers.base import Vocab
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.models import maskgit_decode as dec
+from visual_tokenizers.models.maskgit import MaskGIT, TokenLayout, make_sampler
+from visual_tokenizers.tokenizers.base import Vocab
 
 TINY = dict(width=16, depth=1, heads=2, mlp_dim=32)
 RNG = np.random.default_rng(0)  # test inputs come from numpy: no jax compile per input

@@ -4,10 +4,10 @@ factorised heads from an export and from on-the-fly encoding, and the sample job
 import numpy as np
 import pytest
 
-from configs import binary_b16, maskgit_binary_b16
-from configs import export_tokens as export_config
-from configs import sample as sample_config
-from jobs import export_tokens, sample, train_maskgit, train_tokenizer
+from visual_tokenizers.configs import binary_b16, maskgit_binary_b16
+from visual_tokenizers.configs import export_tokens as export_config
+from visual_tokenizers.configs import sample as sample_config
+from visual_tokenizers.jobs import export_tokens, sample, train_maskgit, train_tokenizer
 
 
 def test_binary_tokens_train_factorised_heads_and_sample(tmp_path):

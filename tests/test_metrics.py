@@ -7,8 +7,8 @@ import pytest
 from pytorch_fid.fid_score import calculate_frechet_distance
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from core import mesh as mesh_lib
-from core import metrics
+from visual_tokenizers.core.evaluation import metrics
+from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
 def _stats(x):
@@ -141,7 +141,7 @@ def test_codebook_stats():
 
 
 def test_codebook_stats_for_huge_and_grouped_binary_vocabularies():
-    from tokenizers.base import Vocab
+    from visual_tokenizers.tokenizers.base import Vocab
 
     dense = metrics.CodebookStats(2**18)
     sparse = metrics.CodebookStats(2**30)  # counts only the codes seen

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import vq_b16
-from core import mesh as mesh_lib
-from core import train_state as ts
-from jobs import train_tokenizer
+from visual_tokenizers.configs import vq_b16
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.jobs import train_tokenizer
 
 
 def _setup(mesh):

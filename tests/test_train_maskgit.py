@@ -13,15 +13,16 @@ import optax
 import pytest
 from PIL import Image
 
-from configs import export_tokens as export_config
-from configs import maskgit_b16, vq_b16
-from configs import sample as sample_config
-from core import checkpoint, metrics, train_state
-from core import mesh as mesh_lib
-from core import token_batches as tb
-from core import trained_tokenizer as tt
-from jobs import export_tokens, sample, train_maskgit, train_tokenizer
-from tokenizers.base import Vocab
+from visual_tokenizers.configs import export_tokens as export_config
+from visual_tokenizers.configs import maskgit_b16, vq_b16
+from visual_tokenizers.configs import sample as sample_config
+from visual_tokenizers.core import trained_tokenizer as tt
+from visual_tokenizers.core.evaluation import metrics
+from visual_tokenizers.core.runtime import checkpoint, train_state
+from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.tokens import batches as tb
+from visual_tokenizers.jobs import export_tokens, sample, train_maskgit, train_tokenizer
+from visual_tokenizers.tokenizers.base import Vocab
 
 NUM = 96  # exported training examples: 6 batches of 16
 
@@ -115,8 +116,8 @@ def test_export_rows_undo_the_offset_and_sort_by_key(export_dir, tokenizer_dir):
     assert exported.keys == [f"train/{i:08d}" for i in range(NUM)]
     assert exported.indices.shape == (NUM, 8, 8) and exported.indices.max() < 256
     tok = train_tokenizer.load_tokenizer(tokenizer_dir)
-    from core import builtin_data
-    from core.images import to_model
+    from visual_tokenizers.core.data import builtin as builtin_data
+    from visual_tokenizers.core.data.images import to_model
 
     source = builtin_data.ShapesSource("train", 32)
     images, labels = zip(*(source.read(i) for i in (0, 5, 90)), strict=True)
@@ -342,8 +343,8 @@ def test_vocab_mismatch_between_export_and_tokenizer_is_refused(
 
 
 def test_configs_follow_the_official_maskgit_recipe():
-    from configs import maskgit_binary_b16
-    from models.maskgit import head_groups
+    from visual_tokenizers.configs import maskgit_binary_b16
+    from visual_tokenizers.models.maskgit import head_groups
 
     config = maskgit_b16.get_config()
     m, o = config.model, config.optimizer

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import vq_b16
-from core import checkpoint, loop
-from jobs import train_tokenizer
+from visual_tokenizers.configs import vq_b16
+from visual_tokenizers.core.runtime import checkpoint, loop
+from visual_tokenizers.jobs import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,7 +207,7 @@ def test_two_processes_train_like_one(reference_run, tmp_path):
 
 
 def test_load_tokenizer_restores_the_trained_model(reference_run):
-    from jobs.train_tokenizer import load_tokenizer
+    from visual_tokenizers.jobs.train_tokenizer import load_tokenizer
 
     workdir = reference_run[0]
     loaded = load_tokenizer(workdir)
@@ -228,8 +228,8 @@ def test_checkpoint_restores_onto_another_mesh(reference_run):
     """Written by a data-parallel run, read back FSDP-sharded on a (4, 2) mesh."""
     from jax.sharding import PartitionSpec as P
 
-    from core import mesh as mesh_lib
-    from jobs.train_tokenizer import load_tokenizer
+    from visual_tokenizers.core.runtime import mesh as mesh_lib
+    from visual_tokenizers.jobs.train_tokenizer import load_tokenizer
 
     mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "model": 1})
     loaded = load_tokenizer(reference_run[0], mesh=mesh)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
-from models.vit import ViTDecoder, ViTEncoder
-from tokenizers.tokenizer import build_tokenizer
+from visual_tokenizers.configs import common
+from visual_tokenizers.models.vit import ViTDecoder, ViTEncoder
+from visual_tokenizers.tokenizers.tokenizer import build_tokenizer
 
 IMAGE, PATCH, LATENTS = 16, 4, 6
 GRID = IMAGE // PATCH

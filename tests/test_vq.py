@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from tokenizers.vq import VectorQuantizer, entropy_penalty, nearest_code
+from visual_tokenizers.tokenizers.vq import VectorQuantizer, entropy_penalty, nearest_code
 
 
 def make(dim=4, k=8, **kw):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import weights
+from visual_tokenizers.core import weights
 
 
 def _tensors():

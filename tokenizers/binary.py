@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokenizers.base import QuantizerOutput, Vocab
+from visual_tokenizers.tokenizers.base import QuantizerOutput, Vocab
 
 sg = jax.lax.stop_gradient
 MAX_INT32_BITS = 31  # a non-negative int32 holds 31 bits

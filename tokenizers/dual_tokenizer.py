@@ -24,10 +24,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from models.teacher import Teacher
-from models.vit import ViTDecoder, ViTEncoder
-from tokenizers.base import QuantizerOutput
-from tokenizers.dual import DualCodebookQuantizer
+from visual_tokenizers.models.teacher import Teacher
+from visual_tokenizers.models.vit import ViTDecoder, ViTEncoder
+from visual_tokenizers.tokenizers.base import QuantizerOutput
+from visual_tokenizers.tokenizers.dual import DualCodebookQuantizer
 
 PIXEL_DECODER_INPUTS = ("pixel", "both")
 _TRUNK_KEYS = ("patch_size", "width", "depth", "heads", "mlp_dim")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from models.conv import ConvDecoder, ConvEncoder
-from models.vit import ViTDecoder, ViTEncoder
-from tokenizers.base import QuantizerOutput
-from tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
-from tokenizers.dual_tokenizer import build_dual_tokenizer
-from tokenizers.vq import VectorQuantizer
+from visual_tokenizers.models.conv import ConvDecoder, ConvEncoder
+from visual_tokenizers.models.vit import ViTDecoder, ViTEncoder
+from visual_tokenizers.tokenizers.base import QuantizerOutput
+from visual_tokenizers.tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
+from visual_tokenizers.tokenizers.dual_tokenizer import build_dual_tokenizer
+from visual_tokenizers.tokenizers.vq import VectorQuantizer
 
 # Architecture name -> (encoder class, decoder class); both take the same keyword arguments
 # apart from the latent size (encoder: out_dim, decoder: in_dim).

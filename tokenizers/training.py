@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from core import train_state as ts
-from core.images import to_model
-from models.conv import ConvDecoder
-from models.vit import ViTDecoder
-from tokenizers import losses
+from visual_tokenizers.core.data.images import to_model
+from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.models.conv import ConvDecoder
+from visual_tokenizers.models.vit import ViTDecoder
+from visual_tokenizers.tokenizers import losses
 
 # The decoder layer whose gradients set the adaptive generator weight (taming: `last_layer`).
 OUTPUT_LAYERS = {ViTDecoder: "to_pixels", ConvDecoder: "conv_out"}

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokenizers.base import QuantizerOutput, Vocab
+from visual_tokenizers.tokenizers.base import QuantizerOutput, Vocab
 
 sg = jax.lax.stop_gradient
 

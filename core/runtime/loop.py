@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from core import checkpoint
-from core import mesh as mesh_lib
+from visual_tokenizers.core.runtime import checkpoint
+from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from core.sources import _PERM_TAG, DataError, _DecodingSource
+from visual_tokenizers.core.data.decoding import _PERM_TAG, DataError, _DecodingSource
 
 SHUFFLE_BUFFER = 4096  # TFDS streaming only: encoded examples held for the buffer shuffle.
 

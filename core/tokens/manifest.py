@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from core import token_shards as shards_lib
-from core import token_stats
+from visual_tokenizers.core.tokens import shards as shards_lib
+from visual_tokenizers.core.tokens import stats as token_stats
 
 MANIFEST = "manifest.json"
 SPEC = "export_spec.json"

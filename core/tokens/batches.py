@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-from core import data
-from core import token_manifest as manifest_lib
-from core import token_shards as shards_lib
-from tokenizers.base import Vocab
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.tokens import manifest as manifest_lib
+from visual_tokenizers.core.tokens import shards as shards_lib
+from visual_tokenizers.tokenizers.base import Vocab
 
 _TOKEN_PERM_TAG = 0x70CE  # permutation seeds of token batches (disjoint from core.data's)
 

@@ -16,6 +16,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visual_tokenizers.core.data.decoding import DataError
+
 # Distinct seed namespaces keep train and test (and the two datasets) disjoint.
 _SPLIT_IDS = {"train": 0, "test": 1}
 _SPLIT_ALIASES = {"validation": "test", "val": "test", "eval": "test"}
@@ -24,8 +26,6 @@ _SPLIT_ALIASES = {"validation": "test", "val": "test", "eval": "test"}
 def _split_id(name: str, split: str) -> tuple[str, int]:
     split = _SPLIT_ALIASES.get(split, split)
     if split not in _SPLIT_IDS:
-        from core.data import DataError  # Lazy: core.data imports this module lazily too.
-
         raise DataError(
             f"builtin:{name} has no split {split!r}; valid splits: train, test "
             f"(aliases: {', '.join(sorted(_SPLIT_ALIASES))})."

@@ -1,16 +1,13 @@
-"""Image sources picked by a string spec, decoding and preprocessing (see core/data.py).
+"""Decoding and preprocessing of stored images, the data errors, and the base of decoding sources.
 
-`make_source(spec, split, image_size=..)` returns a source with `__len__`, `name`,
-`num_classes`, `num_skipped` and random access `load(index)`; TFDS sources live in
-core/data_tfds.py, the built-in ones in core/builtin_data.py.
+The bottom of core/data: sources.py (folders, the spec parser), tfds.py and builtin.py build
+on it, pipeline.py batches what they read.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
-import re
 import threading
 
 import numpy as np
@@ -102,7 +99,7 @@ def preprocess(
     return np.ascontiguousarray(array[:, ::-1] if rng.random() < 0.5 else array)
 
 
-# ----------------------------------------------------------------------------- sources
+# ----------------------------------------------------------------------------- base source
 
 
 class _DecodingSource:
@@ -133,92 +130,3 @@ class _DecodingSource:
     def read(self, index: int) -> tuple[np.ndarray, int]:
         image, label = self.load(index)
         return np.asarray(image), label
-
-
-class FolderSource(_DecodingSource):
-    """Image files under a directory, found recursively and sorted for determinism."""
-
-    def __init__(self, path: str, split: str):
-        super().__init__()
-        root = os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path
-        if not os.path.isdir(root):
-            raise DataError(f"folder:{path}: no such directory. Pass an existing image folder.")
-        self.root = os.path.abspath(root)
-        self.files = _list_images(self.root)
-        if not self.files:
-            raise DataError(
-                f"folder:{path}: no {'/'.join(IMAGE_EXTENSIONS)} files found under "
-                f"{self.root}. Point the spec at a folder of images (class subfolders optional)."
-            )
-        self.class_names, self.labels = _folder_labels(self.files)
-        self.num_classes = len(self.class_names)
-        self.name = f"folder:{self.root}"
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, index: int, draft: int | None = None) -> tuple[Image.Image, int]:
-        path = os.path.join(self.root, self.files[index])
-        return self._decode(path, path, draft), self.labels[index]
-
-
-def _list_images(root: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.normpath(os.path.join(rel, name)))
-    return sorted(found)
-
-
-def _folder_labels(files: list[str]) -> tuple[list[str], list[int]]:
-    """Class = top-level subfolder (sorted names), unless some images sit in the root."""
-    tops = [f.split(os.sep, 1)[0] if os.sep in f else None for f in files]
-    if None in tops:
-        return ["all"], [0] * len(files)
-    names = sorted(set(tops))
-    index = {n: i for i, n in enumerate(names)}
-    return names, [index[t] for t in tops]
-
-
-def make_source(spec: str, split: str, *, image_size: int, data_dir: str | None = None):
-    """The source named by `spec` (see the module docstring); a split in the spec wins."""
-    scheme, sep, rest = spec.partition(":")
-    if scheme == "builtin" and sep:
-        from core import builtin_data
-
-        if rest not in builtin_data.BUILTINS:
-            raise DataError(
-                f"Unknown builtin dataset {rest!r}; valid: "
-                + ", ".join(f"builtin:{n}" for n in builtin_data.BUILTINS)
-            )
-        return builtin_data.BUILTINS[rest](split, image_size)
-    if scheme == "folder" and rest:
-        return FolderSource(rest, split)
-    if scheme == "tfds" and rest:
-        name, spec_split = _parse_tfds(rest)
-        return open_tfds(name, spec_split or split, data_dir)
-    raise DataError(
-        f"Unknown data spec {spec!r}; valid forms: tfds:NAME[:SPLIT], folder:PATH, "
-        "builtin:shapes, builtin:shapes_plain, builtin:photos."
-    )
-
-
-def _parse_tfds(rest: str) -> tuple[str, str | None]:
-    """'NAME[/CONFIG][:X.Y.Z][:SPLIT]'; splits may contain ':' inside slices."""
-    match = re.fullmatch(r"([^:\[]+(?::\d+\.\d+\.\d+)?)(?::(.+))?", rest)
-    if not match:
-        raise DataError(f"Bad TFDS spec 'tfds:{rest}'; expected tfds:NAME[:SPLIT].")
-    return match.group(1), match.group(2)
-
-
-def open_tfds(name: str, split: str, data_dir: str | None):
-    """A random-access TfdsSource when stored as ArrayRecord/Parquet, else a TfdsStream.
-
-    Lives in core/data_tfds.py, which imports this module, hence the lazy import.
-    """
-    from core import data_tfds
-
-    return data_tfds.open_tfds(name, split, data_dir)

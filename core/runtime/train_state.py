@@ -21,8 +21,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from core import checkpoint
-from core import mesh as mesh_lib
+from visual_tokenizers.core.runtime import checkpoint
+from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
 @struct.dataclass

@@ -13,7 +13,8 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from core import data, metrics
+from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.evaluation import metrics
 
 PR_REFERENCE_MAX = 10_000  # Pool features kept for precision/recall (ADM: a 10k batch).
 

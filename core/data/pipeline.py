@@ -26,20 +26,22 @@ import os
 
 import numpy as np
 
-from core.sources import (  # noqa: F401  (re-exported: callers use core.data.*)
+from visual_tokenizers.core.data.decoding import (  # noqa: F401  (re-exported: callers use pipeline.*)
     _AUG_TAG,
     _PERM_TAG,
     IMAGE_EXTENSIONS,
     DataError,
-    FolderSource,
     UnreadableImage,
-    _parse_tfds,
     decode,
-    make_source,
-    open_tfds,
     preprocess,
     resize_shorter,
     to_pil,
+)
+from visual_tokenizers.core.data.sources import (  # noqa: F401, E402  (re-exported)
+    FolderSource,
+    _parse_tfds,
+    make_source,
+    open_tfds,
 )
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from scipy import linalg
 
-from core import mesh as mesh_lib
+from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
 def psnr_ssim(images_uint8, reconstructions_uint8):
@@ -337,7 +337,7 @@ def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
 
 def stats_cache_path(spec: str, split: str, image_size: int, num: int, weights_sha: str) -> str:
     """Where a data source's Inception statistics are cached (keyed by the weights used too)."""
-    from core import weights  # Lazy: weights is only needed when FID is.
+    from visual_tokenizers.core import weights  # Lazy: weights is only needed when FID is.
 
     key = f"{spec}|{split}|{image_size}|{num}|{weights_sha}"
     readable = re.sub(r"[^A-Za-z0-9]+", "_", f"{spec}_{split}_{image_size}px_{num}")[-80:]

@@ -1,0 +1,1 @@
+"""Images in: sources (folder, TFDS, built-in), preprocessing, the deterministic batch pipeline."""

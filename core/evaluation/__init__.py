@@ -1,0 +1,1 @@
+"""Evaluation machinery: FID, IS, precision/recall, PSNR/SSIM, codebook and reference statistics."""

@@ -1,0 +1,1 @@
+"""The token index layout and the token-file format: shards, manifest, statistics, batches."""
