@@ -108,13 +108,11 @@ def data_only(num_images: int, batch_size: int, image_size: int) -> float:
 def export_job(tok_dir: str, num_images: int, batch_size: int, repeats: int) -> tuple:
     """(best images/s, last result) of the export job on fresh output directories."""
     config = export_config.get_config("tiny")
-    config.update(
-        tokenizer_workdir=tok_dir,
-        max_examples=num_images,
-        batch_size=batch_size,
-        rows_per_shard=max(batch_size, num_images // 8),  # several shards
+    config.tokenizer.workdir = tok_dir
+    config.rows_per_shard = max(batch_size, num_images // 8)  # several shards
+    config.data.update(
+        source="builtin:shapes", split="test", max_examples=num_images, batch_size=batch_size
     )
-    config.data.update(source="builtin:shapes", split="test")
     best, result = 0.0, None
     for i in range(repeats + 1):  # run 0 warms up (font cache, page cache, threads)
         out = tempfile.mkdtemp(prefix="export_speed_")

@@ -2,7 +2,7 @@
 
 from ml_collections import ConfigDict
 
-from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
 # LlamaGen VQ tokenizer (tokenizer/tokenizer_image/vq_train.py): torch Adam (0.9, 0.95), lr
 # 1e-4, constant, grad-norm clip 1.0, the same for the discriminator; its --weight-decay 0.05
@@ -29,15 +29,15 @@ def tokenizer_base() -> ConfigDict:
             num_steps=400_000,
             init_from="",  # another run's workdir: start from its params
             data=dict(
-                train="tfds:imagenet2012",
-                train_split="train",
-                eval="tfds:imagenet2012",
-                eval_split="validation",
+                source="tfds:imagenet2012",
+                split="train",
                 data_dir="",  # TFDS data_dir holding the prepared imagenet2012 ("": default)
                 image_size=256,
-                global_batch_size=128,  # LlamaGen VQ tokenizer
+                batch_size=128,  # LlamaGen VQ tokenizer
             ),
             eval=dict(
+                source="tfds:imagenet2012",
+                split="validation",
                 batch_size=64,
                 num_examples=10_000,
                 # rFID during training (jobs/evaluate.py): at evals whose step is a multiple of
@@ -111,15 +111,8 @@ def vq_quantizer(**overrides) -> ConfigDict:
 def shrink_to_tiny(config: ConfigDict) -> None:
     """CPU-sized variant on built-in data: trains in a couple of minutes on 2 cores."""
     config.num_steps = 600
-    config.data.update(
-        train="builtin:shapes",
-        train_split="train",
-        eval="builtin:shapes",
-        eval_split="test",
-        image_size=32,
-        global_batch_size=32,
-    )
-    config.eval.update(batch_size=64, num_examples=512)
+    config.data.update(source="builtin:shapes", split="train", image_size=32, batch_size=32)
+    config.eval.update(source="builtin:shapes", split="test", batch_size=64, num_examples=512)
     config.optimizer.update(lr=2e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0)
     config.discriminator_optimizer.update(lr=2e-3, schedule="cosine", warmup_steps=50)
     config.update(log_every=50, checkpoint_every=200, eval_every=0)

@@ -32,7 +32,7 @@ def get_config(arg=None):
     if arg not in (None, "", "tiny", "test"):
         raise ValueError(f"unknown variant {arg!r} of configs/demo.py; use '', 'tiny' or 'test'")
     tokenizer = vq_b16.get_config("tiny")  # README's tiny tokenizer (8x8 tokens, 256 codes)
-    tokenizer.data.update(train=DATA, eval=DATA)
+    tokenizer.data.source = tokenizer.eval.source = DATA
     # No dead-code restarts: they re-seed unused codes at encoder outputs, so one flat colour
     # ends up spread over near-duplicate codes. Without them the tokens' entropy given their
     # raster predecessor falls from 4.0 to 2.6 bits (reconstructions keep their class either
@@ -40,7 +40,8 @@ def get_config(arg=None):
     tokenizer.quantizer.restart_dead_codes = False
     export = export_tokens.get_config("tiny")
     export.data.update(source=DATA, split="train")
-    export.update(max_examples=20_000, batch_size=256, rows_per_shard=5000)
+    export.data.update(max_examples=20_000, batch_size=256)
+    export.rows_per_shard = 5000
     maskgit = maskgit_b16.get_config("tiny")
     maskgit.tokenizer.workdir = ""  # the demo trains on the export
     # Tuned for the CPU budget: a small transformer without dropout (it underfits here: at
@@ -48,24 +49,25 @@ def get_config(arg=None):
     maskgit.update(num_steps=2000, checkpoint_every=500, log_every=100)
     maskgit.model.update(width=64, depth=3, heads=4, mlp_dim=256, dropout=0.0)
     maskgit.optimizer.update(lr=3e-3, warmup_steps=100)
-    maskgit.data.global_batch_size = 64
+    maskgit.data.batch_size = 64
     samples = sample.get_config("tiny")
     samples.update(num_samples=1000, batch_size=200, guidance_scale=3.0)  # 100 per class
     samples.grid.update(columns=10, per_class=32)
-    maskgit.data.train = DATA  # (tokens come from the export; this names their source)
+    maskgit.data.source = DATA  # (tokens come from the export; this names their source)
     classifier = shapes_classifier.get_config("tiny")
-    classifier.data.update(train=DATA, eval=DATA)
+    classifier.data.source = classifier.eval.source = DATA
     evaluation = evaluate.get_config("tiny")  # psnr, ssim, usage, shapes (offline)
     evaluation.shapes.reference = DATA
     evaluation.samples.batch_size = 200
     if arg == "test":  # seconds per stage: checks the pipeline, not the quality
         tokenizer.update(num_steps=20, log_every=10, checkpoint_every=20)
         tokenizer.eval.update(batch_size=32, num_examples=64)
-        export.update(max_examples=256, batch_size=64, rows_per_shard=128)
+        export.data.update(max_examples=256, batch_size=64)
+        export.rows_per_shard = 128
         maskgit.update(num_steps=20, log_every=10, checkpoint_every=20)
         maskgit.model.update(width=32, depth=1, heads=2, mlp_dim=64)
         maskgit.optimizer.warmup_steps = 5
-        maskgit.data.global_batch_size = 32
+        maskgit.data.batch_size = 32
         samples.update(num_samples=40, batch_size=40, steps=4)
         samples.grid.update(columns=4, per_class=4)
         classifier.update(num_steps=20, log_every=10, checkpoint_every=20)

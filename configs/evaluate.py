@@ -10,8 +10,9 @@ of generated samples (gFID, IS, precision, recall). See README "Evaluation proto
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
-from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
 TOKENIZER_METRICS = ("fid", "psnr", "ssim", "lpips", "usage", "shapes")
 SAMPLE_METRICS = ("fid", "is", "pr", "shapes")
@@ -24,19 +25,20 @@ def get_config(arg=None):
             mode="tokenizer",  # 'tokenizer' or 'samples'
             seed=0,
             metrics=("fid", "psnr", "ssim", "lpips", "usage"),
-            # (a) A tokenizer training run: its workdir, and the checkpoint step (-1: latest);
-            # use_ema: its EMA weights when the run kept them.
-            tokenizer=dict(workdir="", step=-1, use_ema=True),
+            # (a) A tokenizer training run (configs/common.py: which run).
+            tokenizer=dict(workdir="", step=-1, use_ema=placeholder(bool)),
             # Images to reconstruct; '' / 0 take the tokenizer run's eval data, split and size.
-            data=dict(spec="", split="", data_dir="", image_size=0, batch_size=64),
+            data=dict(source="", split="", data_dir="", image_size=0, batch_size=64),
             num_examples=50_000,  # ImageNet val has 50,000 images: the usual rFID set.
             # (b) Samples: ADM npz, arr_0 uint8 NHWC (arr_1 labels, optional).
             samples=dict(path="", batch_size=64),
             # What FID is measured against. path: npz with mu/sigma and/or arr_0 images (an ADM
-            # reference batch). Otherwise statistics of a data source (spec, split) are computed
+            # reference batch). Otherwise statistics of a data source (source, split) are computed
             # once and cached in $TOKENIZERS_CACHE/fid_stats. For rFID the default reference is
             # the originals of the evaluated images themselves.
-            reference=dict(path="", spec="", split="", data_dir="", image_size=256, num_examples=0),
+            reference=dict(
+                path="", source="", split="", data_dir="", image_size=256, num_examples=0
+            ),
             pr_k=3,  # precision/recall neighbourhood (ADM)
             is_split_size=5000,  # Inception Score split size (ADM)
             # Explicit weight files ('' = cache / checked download, see core/weights.py).

@@ -13,8 +13,9 @@ maskgit/configs/maskgit_class_cond_config.py, and its base_config); see REFERENC
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
-from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
 
 def sampling(**overrides) -> dict:
@@ -42,14 +43,14 @@ def maskgit_base() -> ConfigDict:
             # A finished jobs/export_tokens.py output ('' = encode config.data on the fly).
             tokens=dict(export_dir="", verify=True),  # verify: check every shard's sha256
             # The tokenizer run for on-the-fly encoding (also checked against an export's vocab).
-            tokenizer=dict(workdir="", step=-1, use_ema=True),
+            tokenizer=dict(workdir="", step=-1, use_ema=placeholder(bool)),
             data=dict(
-                train="tfds:imagenet2012",  # dataset = imagenet2012
-                train_split="train",
+                source="tfds:imagenet2012",  # dataset = imagenet2012
+                split="train",
                 data_dir="",
                 image_size=0,  # 0: the tokenizer's training resolution
                 max_examples=0,  # train on the first N examples only; 0 = all
-                global_batch_size=256,  # batch_size
+                batch_size=256,  # batch_size
                 num_threads=0,
                 prefetch=2,
             ),
@@ -97,7 +98,7 @@ def shrink_to_tiny(config: ConfigDict) -> None:
     transformer, a few hundred steps. Tuned in the demo (configs/demo.py) for class-faithful
     samples within its time budget."""
     config.tokenizer.workdir = "runs/vq_tiny"  # README: the tiny tokenizer run
-    config.data.update(train="builtin:shapes", image_size=32, global_batch_size=64)
+    config.data.update(source="builtin:shapes", image_size=32, batch_size=64)
     config.model.update(width=128, depth=4, heads=4, mlp_dim=256, dtype="float32")
     config.optimizer.update(lr=1e-3, warmup_steps=100, schedule="cosine", grad_clip_norm=1.0)
     config.update(num_steps=600, seed=0, log_every=50, checkpoint_every=300)

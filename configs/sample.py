@@ -1,15 +1,16 @@
 """Class-conditional samples of a MaskGIT run in ADM format (jobs/sample.py), for gFID.
 
-  python run.py --config=configs/sample.py --workdir=OUT --config.maskgit_workdir=RUN
+  python run.py --config=configs/sample.py --workdir=OUT --config.maskgit.workdir=RUN
   python run.py --config=configs/evaluate.py:samples --workdir=OUT/eval \
       --config.samples.path=OUT/samples.npz --config.reference.path=VIRTUAL_imagenet256_labeled.npz
-  python run.py --config=configs/sample.py:tiny --workdir=OUT --config.maskgit_workdir=RUN  # CPU
+  python run.py --config=configs/sample.py:tiny --workdir=OUT --config.maskgit.workdir=RUN  # CPU
 
 Sampling defaults are the official MaskGIT's (configs/maskgit_b16.py `sampling`): T = 8,
 choice temperature 4.5, cosine schedule, no guidance (guidance_scale 1).
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from visual_tokenizers.configs.maskgit_b16 import sampling
 
@@ -19,9 +20,11 @@ def get_config(arg=None):
         dict(
             job="sample",
             seed=0,
-            maskgit_workdir="",  # a jobs/train_maskgit.py run (required)
-            maskgit_step=-1,  # -1: the latest checkpoint
-            tokenizer_workdir="",  # '' = the run the MaskGIT's tokens came from
+            # Which run (configs/common.py): a jobs/train_maskgit.py run (required; MaskGIT runs
+            # keep no EMA). Its tokens' tokenizer decodes, at the step and weights that made
+            # them; tokenizer.workdir names where that run lives now if it has moved.
+            maskgit=dict(workdir="", step=-1, use_ema=placeholder(bool)),
+            tokenizer=dict(workdir=""),
             num_samples=50_000,  # ADM / MaskGIT gFID protocol: 50 per ImageNet class
             classes=(),  # class ids to sample; empty = all, sample i has class i % count
             batch_size=256,  # global; a multiple of the data x fsdp mesh size
@@ -33,7 +36,7 @@ def get_config(arg=None):
         )
     )
     if arg == "tiny":
-        config.maskgit_workdir = "runs/maskgit_tiny"  # configs/maskgit_b16.py:tiny's run
+        config.maskgit.workdir = "runs/maskgit_tiny"  # configs/maskgit_b16.py:tiny's run
         config.update(num_samples=80, batch_size=40, guidance_scale=2.0)  # 8 per class
         config.grid.per_class = 16
     elif arg:

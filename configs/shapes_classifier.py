@@ -8,7 +8,7 @@ The evaluation job trains the default variant on demand and caches it in its wor
 
 from ml_collections import ConfigDict
 
-from visual_tokenizers.core.runtime.mesh import DEFAULT_RULES
+from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
 
 def get_config(arg=None):
@@ -19,13 +19,11 @@ def get_config(arg=None):
             num_steps=1500,
             init_from="",
             data=dict(
-                train="builtin:shapes",
-                train_split="train",
-                eval="builtin:shapes",
-                eval_split="test",
+                source="builtin:shapes",
+                split="train",
                 data_dir="",
                 image_size=32,  # The classifier resizes any input to this size.
-                global_batch_size=128,
+                batch_size=128,
             ),
             model=dict(
                 num_classes=10, widths=(16, 32, 64), final_convs=1, hidden=128, bn_momentum=0.9
@@ -45,7 +43,7 @@ def get_config(arg=None):
             # Half of each batch blurred / noised like decoder output (jobs/train_classifier.py
             # degrade): reconstructions and samples are judged on shape, not sharpness.
             augment=dict(degrade_prob=0.5, block=4),
-            eval=dict(batch_size=256, num_examples=2000),
+            eval=dict(source="builtin:shapes", split="test", batch_size=256, num_examples=2000),
             log_every=100,
             checkpoint_every=500,
             keep_checkpoints=1,

@@ -35,7 +35,7 @@ def get_config(arg=None):
         codebook_size=1024, beta=0.25, entropy_weight=0.1, entropy_temperature=0.01
     )
     config.num_steps = 1_000_000  # MaskGIT num_train_steps
-    config.data.global_batch_size = 256  # MaskGIT batch_size
+    config.data.batch_size = 256  # MaskGIT batch_size
     config.loss.update(
         l2_weight=1.0,
         perceptual_weight=0.1,  # perceptual_loss_weight

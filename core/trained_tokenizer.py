@@ -49,8 +49,8 @@ class Restored:
         return self.model().vocab
 
 
-def restore(workdir: str, mesh, step: int | None = None, use_ema: bool = True) -> Restored:
-    """Restores a tokenizer run onto `mesh`, preferring EMA weights when asked and present.
+def restore(workdir: str, mesh, step: int | None = None, use_ema: bool | None = None) -> Restored:
+    """Restores a tokenizer run onto `mesh`: its EMA weights when present, unless use_ema=False.
 
     The EMA weights are the checkpoint's `ema_params` (`TrainedTokenizer.ema_params`).
     """
@@ -59,7 +59,7 @@ def restore(workdir: str, mesh, step: int | None = None, use_ema: bool = True) -
     )
 
     tokenizer = load_tokenizer(workdir, mesh=mesh, step=step)
-    ema = tokenizer.ema_params if use_ema else None
+    ema = tokenizer.ema_params if use_ema is not False else None
     path = os.path.abspath(workdir)
     if ema is not None:
         logging.info("tokenizer: EMA weights of %s step %d", workdir, tokenizer.step)

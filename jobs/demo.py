@@ -104,7 +104,7 @@ def run(config, workdir: str) -> dict:
     )
 
     export_cfg = _copy(config.export)
-    export_cfg.tokenizer_workdir = where["tokenizer"]
+    export_cfg.tokenizer.workdir = where["tokenizer"]
     stages.run(
         "tokens", export_cfg.to_dict(), lambda: export_tokens.run(export_cfg, where["tokens"])
     )
@@ -117,7 +117,7 @@ def run(config, workdir: str) -> dict:
     )
 
     sample_cfg = _copy(config.sample)
-    sample_cfg.maskgit_workdir = where["maskgit"]
+    sample_cfg.maskgit.workdir = where["maskgit"]
     stages.run("samples", sample_cfg.to_dict(), lambda: sample.run(sample_cfg, where["samples"]))
 
     cls_cfg = _copy(config.classifier)
@@ -206,7 +206,7 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
     lines = ["# Demo report", ""]
     lines += [
         "Everything below ran on this machine from built-in data "
-        f"(`{config.tokenizer.data.train}`,",
+        f"(`{config.tokenizer.data.source}`,",
         "32x32, 10 classes): `python run.py --config=configs/demo.py --workdir=" + workdir + "`.",
         "`shapes_accuracy` / `shapes_fd` come from a small shapes classifier (offline signals,",
         "**not FID**; compare them only with each other).",
@@ -227,8 +227,8 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
     lines += [
         "## Tokenizer",
         "",
-        f"`configs/vq_b16.py:tiny` settings on `{tc.data.train}`: {tc.num_steps} steps of batch "
-        f"{tc.data.global_batch_size}, {tc.quantizer.codebook_size} codes, patch "
+        f"`configs/vq_b16.py:tiny` settings on `{tc.data.source}`: {tc.num_steps} steps of batch "
+        f"{tc.data.batch_size}, {tc.quantizer.codebook_size} codes, patch "
         f"{tc.model.encoder.patch_size} (8x8 tokens at 32x32), dead-code restarts "
         f"{'on' if tc.quantizer.restart_dead_codes else 'off'}.",
         "",
@@ -270,7 +270,7 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
         "## MaskGIT",
         "",
         f"width {mc.model.width}, depth {mc.model.depth}, heads {mc.model.heads}, MLP "
-        f"{mc.model.mlp_dim}; {mc.num_steps} steps of batch {mc.data.global_batch_size}, AdamW "
+        f"{mc.model.mlp_dim}; {mc.num_steps} steps of batch {mc.data.batch_size}, AdamW "
         f"lr {mc.optimizer.lr}; final training loss {_fmt(mg.get('loss'))}, masked-token "
         f"accuracy {_fmt(mg.get('accuracy'))}.",
         "",

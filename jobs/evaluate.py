@@ -115,8 +115,8 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
 
     step = None if config.tokenizer.step < 0 else config.tokenizer.step
     tok = train_tokenizer.load_tokenizer(config.tokenizer.workdir, mesh, step)
-    d = tok.config.data
-    spec, split = config.data.spec or d.eval, config.data.split or d.eval_split
+    d, held_out = tok.config.data, tok.config.eval
+    spec, split = config.data.source or held_out.source, config.data.split or held_out.split
     size, data_dir = config.data.image_size or d.image_size, config.data.data_dir or d.data_dir
     wanted = set(config.metrics)
     eval_step = jax.jit(
@@ -124,7 +124,7 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
     )
     params = tok.params
-    if config.tokenizer.use_ema and tok.ema_params is not None:
+    if config.tokenizer.use_ema is not False and tok.ema_params is not None:
         logging.info("evaluating the EMA weights of %s", config.tokenizer.workdir)
         params = tok.ema_params
     reconstruct = lambda batch: eval_step(params, tok.model_state, batch)  # noqa: E731
@@ -213,7 +213,7 @@ def reconstruction_pass(
             break
     batches.close()
     if seen == 0:
-        raise data.DataError("the evaluation data gave no images; check data.spec and data.split")
+        raise data.DataError("the evaluation data gave no images; check data.source and data.split")
     merged = {k: np.concatenate(v) for k, v in out.items()}
     if stats is not None:
         merged["codebook"] = stats.result()
@@ -300,7 +300,7 @@ def training_rfid(config, reconstruct, mesh) -> float:
     d, num = config.data, config.eval.fid_num_examples
     fid = FidReference(
         inception=inception_apply(config.eval.get("fid_inception_weights", ""), mesh),
-        source=(d.eval, d.eval_split, d.image_size, num, d.data_dir),
+        source=(config.eval.source, config.eval.split, d.image_size, num, d.data_dir),
         reference=None,
         batch_size=config.eval.batch_size,
         seed=config.seed,

@@ -1,13 +1,14 @@
 """Export codebook indices of a dataset for language models; decode them back; their statistics.
 
   python run.py --config=configs/export_tokens.py --workdir=OUT \\
-      --config.tokenizer_workdir=TOKENIZER_RUN --config.data.source=tfds:imagenet2012
+      --config.tokenizer.workdir=TOKENIZER_RUN --config.data.source=tfds:imagenet2012
 
 `config.mode`:
   export  encodes `config.data.source`/`split` (the first `max_examples`; 0 = all) with the
-          tokenizer trained in `tokenizer_workdir` (its EMA weights when the checkpoint has
-          them and `use_ema`) into Parquet shards OUT/data/*.parquet, then writes the codebook
-          .npy files, stats.json, rank_frequency.png and, last, OUT/manifest.json.
+          tokenizer trained in `tokenizer.workdir` (its EMA weights when the checkpoint has
+          them, unless `tokenizer.use_ema` is False) into Parquet shards OUT/data/*.parquet,
+          then writes the codebook .npy files, stats.json, rank_frequency.png and, last,
+          OUT/manifest.json.
   decode  turns exported rows back into PNGs under OUT/decoded/ with the tokenizer's decoder.
   stats   recomputes stats.json and the plot from the shards.
 
@@ -58,31 +59,33 @@ def validate_config(config, require_tokenizer: bool = True) -> None:
     """Raises ValueError naming the key and the fix for settings that cannot work."""
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r} is unknown; choose one of {MODES}")
-    if require_tokenizer and config.mode == "export" and not config.tokenizer_workdir:
+    if require_tokenizer and config.mode == "export" and not config.tokenizer.workdir:
         raise ValueError(
-            "config.tokenizer_workdir is empty: pass the workdir of a tokenizer training run, "
-            "e.g. --config.tokenizer_workdir=runs/vq_tiny"
+            "config.tokenizer.workdir is empty: pass the workdir of a tokenizer training run, "
+            "e.g. --config.tokenizer.workdir=runs/vq_tiny"
         )
-    for key in ("batch_size", "rows_per_shard"):
-        if config[key] <= 0:
-            raise ValueError(f"config.{key}={config[key]} must be positive")
-    if config.max_examples < 0 or config.vocab_offset < 0:
-        raise ValueError("config.max_examples and config.vocab_offset must be >= 0")
+    for key, value in (("data.batch_size", config.data.batch_size),
+                       ("rows_per_shard", config.rows_per_shard)):  # fmt: skip
+        if value <= 0:
+            raise ValueError(f"config.{key}={value} must be positive")
+    if config.data.max_examples < 0 or config.vocab_offset < 0:
+        raise ValueError("config.data.max_examples and config.vocab_offset must be >= 0")
 
 
 def make_plan(config, source, mesh) -> shards_lib.Plan:
     parallel = mesh_lib.batch_parallelism(mesh)
     processes = jax.process_count()
-    if config.batch_size % parallel or config.batch_size % processes:
+    batch_size, most = config.data.batch_size, config.data.max_examples
+    if batch_size % parallel or batch_size % processes:
         raise ValueError(
-            f"config.batch_size={config.batch_size} must be a multiple of the data x fsdp mesh "
+            f"config.data.batch_size={batch_size} must be a multiple of the data x fsdp mesh "
             f"size {parallel} and of the {processes} processes"
         )
-    n = len(source) if not config.max_examples else min(len(source), config.max_examples)
+    n = len(source) if not most else min(len(source), most)
     return shards_lib.Plan.create(
         split=effective_split(config),
         num_examples=n,
-        global_batch=config.batch_size,
+        global_batch=batch_size,
         rows_per_shard=config.rows_per_shard,
         streaming=bool(getattr(source, "streaming", False)),
         process_index=jax.process_index(),
@@ -117,11 +120,12 @@ class _Export:
 def export(config, workdir: str) -> dict:
     """mode=export: every example of the source once in OUT/data, then the manifest."""
     mesh = mesh_lib.make_mesh(config.mesh)
-    step = config.tokenizer_step if config.tokenizer_step >= 0 else None
+    ref = config.tokenizer
+    step = ref.step if ref.step >= 0 else None
     try:
-        tok = tt.restore(config.tokenizer_workdir, mesh, step, config.use_ema)
+        tok = tt.restore(ref.workdir, mesh, step, ref.use_ema)
     except checkpoint.CheckpointError as e:  # Name the setting to fix.
-        raise checkpoint.CheckpointError(f"config.tokenizer_workdir: {e}") from e
+        raise checkpoint.CheckpointError(f"config.tokenizer.workdir: {e}") from e
     image_size = config.data.image_size or tok.config.data.image_size
     source = data.make_source(
         config.data.source,
@@ -185,8 +189,8 @@ def _iterator(config, source, image_size: int, plan, start_step: int) -> data.Ba
         train=False,
         seed=config.seed,
         start_step=start_step,
-        num_threads=config.num_threads or None,
-        prefetch=config.prefetch,
+        num_threads=config.data.num_threads or None,
+        prefetch=config.data.prefetch,
     )
 
 
@@ -312,7 +316,7 @@ def describe(config, tok, source, plan, layout, image_size: int, key_text: str):
             "split": plan.split,
             "name": source.name,
             "size": len(source),
-            "max_examples": config.max_examples,
+            "max_examples": config.data.max_examples,
             "num_classes": source.num_classes,
             "class_names": list(getattr(source, "class_names", None) or []),
             "key": key_text,
@@ -335,7 +339,7 @@ def decode(config, workdir: str) -> dict:
     """Exported rows -> PNGs under OUT/decoded/<key without extension>.png.
 
     The tokenizer is the run recorded in the manifest (same step and weights); when that
-    directory has moved, config.tokenizer_workdir names its new place. Every process reads
+    directory has moved, config.tokenizer.workdir names its new place. Every process reads
     the same rows and decodes and saves its slice of each global batch.
     """
     from PIL import Image
@@ -346,11 +350,11 @@ def decode(config, workdir: str) -> dict:
     indices = layout.from_stored(tokens)
     mesh = mesh_lib.make_mesh(config.mesh)
     info = manifest["tokenizer"]
-    # The run that encoded the shards; config.tokenizer_workdir only if it has moved since.
-    where = info["workdir"] if os.path.isdir(info["workdir"]) else config.tokenizer_workdir
+    # The run that encoded the shards; config.tokenizer.workdir only if it has moved since.
+    where = info["workdir"] if os.path.isdir(info["workdir"]) else config.tokenizer.workdir
     tok = tt.restore(where, mesh, info["step"], info["weights"] == "ema")
     decode_fn = tt.compile_decode(tok, mesh, indices.ndim)
-    gb, p = config.batch_size, jax.process_index()
+    gb, p = config.data.batch_size, jax.process_index()
     local = gb // jax.process_count()
     out_dir = os.path.join(workdir, "decoded")
     written = 0

@@ -1,6 +1,6 @@
 """Class-conditional samples from a trained MaskGIT, decoded by its tokenizer, in ADM format.
 
-  python run.py --config=configs/sample.py --workdir=OUT --config.maskgit_workdir=RUN
+  python run.py --config=configs/sample.py --workdir=OUT --config.maskgit.workdir=RUN
 
 Writes OUT/samples.npz (`arr_0` uint8 NHWC, `arr_1` int labels: what jobs/evaluate.py samples
 mode and the ADM evaluator read), OUT/samples.png (one row per class), optionally
@@ -89,7 +89,7 @@ def restore_tokenizer(resolved: dict, mesh, workdir: str = "") -> tt.Restored:
     if not os.path.isdir(where):
         raise FileNotFoundError(
             f"the tokenizer run {where} that made the MaskGIT's tokens is gone; pass its new "
-            "place as --config.tokenizer_workdir"
+            "place as --config.tokenizer.workdir"
         )
     return tt.restore(where, mesh, int(info["step"]), info["weights"] == "ema")
 
@@ -148,8 +148,10 @@ def _grouped(vocab: dict) -> bool:
 
 
 def validate(config) -> None:
-    if not config.maskgit_workdir:
-        raise ValueError("config.maskgit_workdir is empty: pass a jobs/train_maskgit.py workdir")
+    if not config.maskgit.workdir:
+        raise ValueError("config.maskgit.workdir is empty: pass a jobs/train_maskgit.py workdir")
+    if config.maskgit.use_ema:
+        raise ValueError("config.maskgit.use_ema: MaskGIT runs keep no EMA weights; leave it unset")
     if config.num_samples <= 0 or config.batch_size <= 0:
         raise ValueError("config.num_samples and config.batch_size must be positive")
 
@@ -163,8 +165,8 @@ def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_sizes(mesh, {"batch_size": config.batch_size})
-    step = config.maskgit_step if config.maskgit_step >= 0 else None
-    maskgit = load_maskgit(config.maskgit_workdir, mesh, step)
+    step = config.maskgit.step if config.maskgit.step >= 0 else None
+    maskgit = load_maskgit(config.maskgit.workdir, mesh, step)
     r = maskgit.resolved
     classes = [int(c) for c in config.classes] or list(range(r["num_classes"]))
     bad = [c for c in classes if not 0 <= c < r["num_classes"]]
@@ -175,7 +177,7 @@ def run(config, workdir: str) -> dict:
     if done is not None:
         logging.info("sample: %s already holds these samples; nothing to do", workdir)
         return done
-    tokenizer = restore_tokenizer(r, mesh, config.tokenizer_workdir)
+    tokenizer = restore_tokenizer(r, mesh, config.tokenizer.workdir)
     ndim = 1 + len(r["token_shape"]) + (1 if _grouped(r["vocab"]) else 0)
     generator = Generator.create(maskgit.model_def, tokenizer, mesh, sample_options(config), ndim)
     labels = labels_for(classes, config.num_samples)
@@ -200,7 +202,7 @@ def _scalars(result: dict) -> dict:
 def _spec(config, maskgit, classes) -> dict:
     """Every setting that decides the samples (a rerun with others must not mix them)."""
     return {
-        "maskgit_workdir": os.path.abspath(config.maskgit_workdir),
+        "maskgit_workdir": os.path.abspath(config.maskgit.workdir),
         "maskgit_step": int(maskgit.step),
         "num_samples": int(config.num_samples),
         "classes": classes,

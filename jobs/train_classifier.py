@@ -132,7 +132,7 @@ def run(config, workdir: str) -> dict:
     mesh_lib.check_batch_sizes(
         mesh,
         {
-            "data.global_batch_size": config.data.global_batch_size,
+            "data.batch_size": config.data.batch_size,
             "eval.batch_size": config.eval.batch_size,
         },
     )

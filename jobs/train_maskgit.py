@@ -155,14 +155,14 @@ def resolve(config, mesh) -> Tokens:
     tok = _restore_tokenizer(config, mesh)
     d = config.data
     size = d.image_size or tok.config.data.image_size
-    source = data.make_source(d.train, d.train_split, image_size=size, data_dir=d.data_dir or None)
+    source = data.make_source(d.source, d.split, image_size=size, data_dir=d.data_dir or None)
     index_shape = _encoded_shape(tok, size)
     grouped = tok.vocab.bits is not None and tok.vocab.bits > 31
     names = list(getattr(source, "class_names", None) or [])
     tokenizer = {"workdir": tok.workdir, "step": int(tok.step), "weights": tok.weights}
     grid = index_shape[:-1] if grouped else index_shape
     info = _resolved(config, tok.vocab, grid, source.num_classes, names, tokenizer)
-    info["tokens"] = f"encode:{d.train}:{d.train_split}"
+    info["tokens"] = f"encode:{d.source}:{d.split}"
     info["num_examples"] = min(len(source), d.max_examples or len(source))
     return Tokens(info, index_shape, tokenizer=tok, image_size=size)
 
@@ -249,12 +249,12 @@ def _plain(x):
 
 def host_batches(config, tokens: Tokens, start_step: int):
     """This process's host batches from `start_step`: {'tokens', 'label'} or {'image', 'label'}."""
-    gb, p, n = config.data.global_batch_size, jax.process_index(), jax.process_count()
+    gb, p, n = config.data.batch_size, jax.process_index(), jax.process_count()
     if tokens.exported is not None:
         return tokens.exported.batches(gb, config.seed, start_step, p, n)
     return tb.EncodeBatches(
-        config.data.train,
-        split=config.data.train_split,
+        config.data.source,
+        split=config.data.split,
         image_size=tokens.image_size,
         max_examples=config.data.max_examples,
         global_batch_size=gb,
@@ -282,7 +282,7 @@ def resolved_config(config, tokens: Tokens) -> ml_collections.ConfigDict:
 def run(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    mesh_lib.check_batch_sizes(mesh, {"data.global_batch_size": config.data.global_batch_size})
+    mesh_lib.check_batch_sizes(mesh, {"data.batch_size": config.data.batch_size})
     tokens = resolve(config, mesh)
     _check_resume(workdir, tokens.resolved)
     config = resolved_config(config, tokens)
@@ -351,7 +351,7 @@ def _with_encoding(train_step, tokens: Tokens, mesh, config):
     if tokens.tokenizer is None:
         return train_step
     tok = tokens.tokenizer
-    encode, shape = tt.compile_encode(tok, mesh, config.data.global_batch_size, tokens.image_size)
+    encode, shape = tt.compile_encode(tok, mesh, config.data.batch_size, tokens.image_size)
     assert tuple(shape) == tuple(tokens.index_shape), (shape, tokens.index_shape)
 
     def step(state, batch):

@@ -159,7 +159,7 @@ def evaluate(config, model_def, state, eval_step, mesh, workdir, step, *, vocab)
         stats.update(out["indices"][mask])
         seen += int(mask.sum())
     if seen == 0:
-        raise data.DataError(f"evaluation split {config.data.eval_split!r} gave no images")
+        raise data.DataError(f"evaluation split {config.eval.split!r} gave no images")
     result = {
         "psnr": float(np.concatenate(psnrs).mean()),
         "ssim": float(np.concatenate(ssims).mean()),
@@ -207,7 +207,7 @@ def run(config, workdir: str) -> dict:
     mesh_lib.check_batch_sizes(
         mesh,
         {
-            "data.global_batch_size": config.data.global_batch_size,
+            "data.batch_size": config.data.batch_size,
             "eval.batch_size": config.eval.batch_size,
         },
     )

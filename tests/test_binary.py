@@ -324,7 +324,7 @@ def test_binary_configs_and_variants():
     assert full.data.image_size // full.model.encoder.patch_size == 16
     assert b16.get_config("bsq").quantizer.name == "bsq"
     tiny = b16.get_config("bsq_tiny")
-    assert tiny.quantizer.name == "bsq" and tiny.data.train.startswith("builtin:")
+    assert tiny.quantizer.name == "bsq" and tiny.data.source.startswith("builtin:")
     assert b16.get_config("tiny").quantizer.name == "lfq"
     for bad in ("huge", "lfq_bsq"):
         with pytest.raises(ValueError, match="unknown variant"):

@@ -24,7 +24,7 @@ CONFIG_FILES = sorted(
 
 
 def _check_tokenizer_config(full, tiny):
-    assert tiny.data.image_size <= 64 and tiny.data.train.startswith("builtin:")
+    assert tiny.data.image_size <= 64 and tiny.data.source.startswith("builtin:")
     model = train_tokenizer.model_fn_from_config(tiny)()
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
     # The full model is only traced abstractly: no memory is allocated.
@@ -54,7 +54,7 @@ def _check_export_config(full, tiny):
 def _check_classifier_config(full, tiny):
     from visual_tokenizers.jobs import train_classifier
 
-    assert tiny.data.train.startswith("builtin:") and tiny.num_steps <= full.num_steps
+    assert tiny.data.source.startswith("builtin:") and tiny.num_steps <= full.num_steps
     model = train_classifier.model_fn_from_config(tiny)()
     images = jax.ShapeDtypeStruct((2, tiny.data.image_size, tiny.data.image_size, 3), np.uint8)
     assert jax.eval_shape(lambda x: model(x), images).shape == (2, tiny.model.num_classes)
@@ -83,9 +83,9 @@ def _check_maskgit_config(full, tiny):
 
     from visual_tokenizers.jobs import train_maskgit
 
-    assert tiny.data.train.startswith("builtin:") and tiny.data.image_size <= 64
+    assert tiny.data.source.startswith("builtin:") and tiny.data.image_size <= 64
     module = _tokenizer_of(full)
-    cases = [(tiny, "tiny")] + ([] if full.data.train.startswith("builtin:") else [(full, None)])
+    cases = [(tiny, "tiny")] + ([] if full.data.source.startswith("builtin:") else [(full, None)])
     for config, variant in cases:
         tok = module.get_config(variant)
         vocab = nnx.eval_shape(train_tokenizer.model_fn_from_config(tok)).vocab
@@ -113,7 +113,7 @@ def _check_sample_config(full, tiny):
     from visual_tokenizers.jobs import sample
 
     sample.validate(tiny)
-    full.maskgit_workdir = "some_run"
+    full.maskgit.workdir = "some_run"
     sample.validate(full)
     assert tiny.num_samples % tiny.batch_size == 0 and tiny.batch_size % 8 == 0
 

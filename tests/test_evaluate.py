@@ -140,7 +140,7 @@ def tokenizer_run(tmp_path_factory):
     """4 steps of the tiny tokenizer, evaluated every 2 steps, with rFID every 4 steps."""
     config = vq_b16.get_config("tiny")
     config.update(num_steps=4, log_every=2, checkpoint_every=4, eval_every=2)
-    config.data.global_batch_size = 16
+    config.data.batch_size = 16
     config.eval.update(
         batch_size=N,
         num_examples=N,

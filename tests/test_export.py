@@ -31,7 +31,7 @@ from visual_tokenizers.jobs import export_tokens, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = 200  # examples exported: 13 batches of 16, 7 shards of <= 32 rows
-EXPORT = {"max_examples": NUM, "batch_size": 16, "rows_per_shard": 32}
+EXPORT = {"data.max_examples": NUM, "data.batch_size": 16, "rows_per_shard": 32}
 
 
 def _set(config, overrides):
@@ -46,7 +46,7 @@ def _set(config, overrides):
 
 def export_cfg(tokenizer_workdir, **extra):
     config = export_config.get_config("tiny")
-    return _set(config, {"tokenizer_workdir": tokenizer_workdir, **EXPORT, **extra})
+    return _set(config, {"tokenizer.workdir": tokenizer_workdir, **EXPORT, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def _shards(out):
 def test_kill_9_then_rerun_gives_every_key_exactly_once(tokenizer_dir, exported, tmp_path):
     out = str(tmp_path)
     args = [sys.executable, "run.py", "--config=configs/export_tokens.py:tiny"]
-    args += [f"--workdir={out}", f"--config.tokenizer_workdir={tokenizer_dir}"]
+    args += [f"--workdir={out}", f"--config.tokenizer.workdir={tokenizer_dir}"]
     args += [f"--config.{k}={v}" for k, v in {**EXPORT, "debug_write_delay_s": 1.0}.items()]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
@@ -196,7 +196,7 @@ def test_two_processes_export_like_one(tokenizer_dir, exported, tmp_path):
     procs = []
     for i in range(2):
         args = [sys.executable, "run.py", "--config=configs/export_tokens.py:tiny"]
-        args += [f"--workdir={out}", f"--config.tokenizer_workdir={tokenizer_dir}"]
+        args += [f"--workdir={out}", f"--config.tokenizer.workdir={tokenizer_dir}"]
         args += [f"--config.{k}={v}" for k, v in EXPORT.items()]
         args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
         args += [f"--process_id={i}"]
@@ -224,7 +224,7 @@ def test_folder_source_keys_are_relative_paths(tokenizer_dir, tmp_path):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name)
     (root / "dogs" / "broken.png").write_bytes(b"not a png")
-    config = export_cfg(tokenizer_dir, max_examples=0, rows_per_shard=8)
+    config = export_cfg(tokenizer_dir, rows_per_shard=8, **{"data.max_examples": 0})
     config.data.update(source=f"folder:{root}", split="train")
     result = export_tokens.run(config, str(tmp_path / "out"))
     manifest = token_manifest.verify(str(tmp_path / "out"))
@@ -267,7 +267,7 @@ def test_ema_weights_offset_and_delimiters(tokenizer_dir, loaded, tmp_path, monk
         return restored
 
     monkeypatch.setattr(train_tokenizer, "load_tokenizer", with_ema)
-    extra = {"max_examples": 24, "vocab_offset": 1000, "image_delimiters": True}
+    extra = {"data.max_examples": 24, "vocab_offset": 1000, "image_delimiters": True}
     result = export_tokens.run(export_cfg(tokenizer_dir, **extra), str(tmp_path))
     manifest = token_manifest.verify(str(tmp_path))
     assert manifest["tokenizer"]["weights"] == "ema" and result["rows"] == 24

@@ -16,12 +16,12 @@ def test_binary_tokens_train_factorised_heads_and_sample(tmp_path):
     tokenizer = str(tmp_path / "tokenizer")
     train_tokenizer.save_untrained(binary_b16.get_config("tiny"), tokenizer)
     export = export_config.get_config("tiny")
-    overrides = {"tokenizer_workdir": tokenizer, "data.split": "train", "max_examples": 32}
-    export.update_from_flattened_dict({**overrides, "batch_size": 16})
+    overrides = {"tokenizer.workdir": tokenizer, "data.split": "train", "data.max_examples": 32}
+    export.update_from_flattened_dict({**overrides, "data.batch_size": 16})
     export_tokens.run(export, str(tmp_path / "tokens"))
     small = {
         "num_steps": 2,
-        "data.global_batch_size": 16,
+        "data.batch_size": 16,
         "data.max_examples": 32,
         "model.width": 32,
         "model.depth": 1,
@@ -43,9 +43,10 @@ def test_binary_tokens_train_factorised_heads_and_sample(tmp_path):
     model = maskgit.model_def.merge(maskgit.params, maskgit.model_state)
     assert model.layout.sizes == (512, 512)
     config = sample_config.get_config("tiny")
-    config.update(maskgit_workdir=str(tmp_path / "export"), num_samples=8, batch_size=8)
+    config.maskgit.workdir = str(tmp_path / "export")
+    config.update(num_samples=8, batch_size=8)
     config.update(classes=(2,), steps=3)
-    config.tokenizer_workdir = tokenizer  # the export run names no tokenizer workdir
+    config.tokenizer.workdir = tokenizer  # the export run names no tokenizer workdir
     assert sample.run(config, str(tmp_path / "samples"))["num_samples"] == 8
     with np.load(str(tmp_path / "samples" / "samples.npz")) as z:
         assert z["arr_0"].shape == (8, 32, 32, 3) and list(z["arr_1"]) == [2] * 8

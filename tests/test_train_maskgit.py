@@ -28,7 +28,7 @@ NUM = 96  # exported training examples: 6 batches of 16
 
 
 def _set(config, overrides: dict):
-    """`config` with dotted-key overrides ('data.global_batch_size': 16) applied."""
+    """`config` with dotted-key overrides ('data.batch_size': 16) applied."""
     config.update_from_flattened_dict(overrides)
     return config
 
@@ -48,10 +48,10 @@ def export_dir(tokenizer_dir, tmp_path_factory):
     _set(
         config,
         {
-            "tokenizer_workdir": tokenizer_dir,
+            "tokenizer.workdir": tokenizer_dir,
             "data.split": "train",
-            "max_examples": NUM,
-            "batch_size": 16,
+            "data.max_examples": NUM,
+            "data.batch_size": 16,
             "rows_per_shard": 32,
             "vocab_offset": 7,
         },
@@ -67,7 +67,7 @@ def mg_config(**extra):
     overrides = {
         "tokenizer.workdir": "",
         "num_steps": 16,
-        "data.global_batch_size": 16,
+        "data.batch_size": 16,
         "model.width": 32,
         "model.depth": 1,
         "model.heads": 2,
@@ -182,7 +182,7 @@ def test_encoding_on_the_fly_gives_the_export_tokens(
     overrides = {
         "tokenizer.workdir": tokenizer_dir,
         "num_steps": 8,
-        "data.train": "builtin:shapes",
+        "data.source": "builtin:shapes",
         "data.max_examples": NUM,
     }
     workdir = str(tmp_path)
@@ -197,7 +197,7 @@ def test_encoding_on_the_fly_gives_the_export_tokens(
 def _sample_cfg(maskgit_dir, **extra):
     config = sample_config.get_config("tiny")
     overrides = {
-        "maskgit_workdir": maskgit_dir,
+        "maskgit.workdir": maskgit_dir,
         "num_samples": 20,
         "batch_size": 16,
         "classes": (1, 3),
@@ -357,7 +357,7 @@ def test_configs_follow_the_official_maskgit_recipe():
         0.045,
         5000,
     )
-    assert config.data.global_batch_size == 256 and config.loss.label_smoothing == 0.1
+    assert config.data.batch_size == 256 and config.loss.label_smoothing == 0.1
     assert config.loss.mask_schedule == "cosine"
     options = sample.sample_options(sample_config.get_config())
     assert options["steps"] == 8 and options["choice_temperature"] == 4.5

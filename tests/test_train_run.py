@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # run started with a longer horizon and killed can be compared with a short uninterrupted one.
 OVERRIDES = {
     "num_steps": 12,
-    "data.global_batch_size": 16,
+    "data.batch_size": 16,
     "eval.batch_size": 16,
     "eval.num_examples": 32,
     "optimizer.schedule": "constant",

@@ -305,14 +305,14 @@ def batches(
 
 
 def training_batches(config, *, start_step: int) -> BatchIterator:
-    """A training job's train stream: config.data.{train, train_split, image_size,
-    global_batch_size, data_dir} and config.seed, resumed at `start_step`."""
+    """A training job's train stream: config.data.{source, split, image_size, batch_size,
+    data_dir} and config.seed, resumed at `start_step`."""
     d = config.data
     return batches(
-        d.train,
-        split=d.train_split,
+        d.source,
+        split=d.split,
         image_size=d.image_size,
-        global_batch_size=d.global_batch_size,
+        global_batch_size=d.batch_size,
         train=True,
         seed=config.seed,
         data_dir=d.data_dir or None,
@@ -321,12 +321,12 @@ def training_batches(config, *, start_step: int) -> BatchIterator:
 
 
 def held_out_batches(config) -> BatchIterator:
-    """A training job's evaluation pass: config.data.{eval, eval_split} in batches of
-    config.eval.batch_size (one pass, 'mask' marks padding)."""
+    """A training job's evaluation pass: config.eval.{source, split, batch_size} at
+    config.data.{image_size, data_dir} (one pass, 'mask' marks padding)."""
     d = config.data
     return batches(
-        d.eval,
-        split=d.eval_split,
+        config.eval.source,
+        split=config.eval.split,
         image_size=d.image_size,
         global_batch_size=config.eval.batch_size,
         train=False,

@@ -55,7 +55,7 @@ class FidReference:
     """The statistics FID is measured against, and the Inception that measures both sides.
 
     `reference` (config.reference) may name an npz (`path`: mu/sigma, else arr_0 images; ADM
-    reference batches have both) or a data source (`spec`); otherwise `source` = (spec, split,
+    reference batches have both) or a data source (`source`); otherwise `source` = (spec, split,
     size, num, data_dir) is used: for rFID, the originals of the evaluated images. Data-source
     statistics are cached in $TOKENIZERS_CACHE/fid_stats, keyed by source, split, size, count
     and the weights' sha256, and hold up to 10k pool features for precision/recall.
@@ -66,18 +66,18 @@ class FidReference:
         self.batch_size, self.seed = batch_size, seed
         self.stats = self.pool = None
         ref = reference or {}
-        self.from_originals = not ref.get("path") and not ref.get("spec")
+        self.from_originals = not ref.get("path") and not ref.get("source")
         if ref.get("path"):
             self._from_file(ref["path"], need_pool)
             return
-        if ref.get("spec"):
+        if ref.get("source"):
             num = ref.get("num_examples") or (source[3] if source else 50_000)
-            source = (ref["spec"], ref.get("split") or "train", ref["image_size"], num)
+            source = (ref["source"], ref.get("split") or "train", ref["image_size"], num)
             source += (ref.get("data_dir", ""),)
         if source is None:
             raise ValueError(
                 "set --config.reference.path (npz with mu/sigma or arr_0, e.g. ADM's "
-                "VIRTUAL_imagenet256_labeled.npz) or --config.reference.spec (a data source)"
+                "VIRTUAL_imagenet256_labeled.npz) or --config.reference.source (a data source)"
             )
         self.source = source
         spec, split, size, num, _ = source

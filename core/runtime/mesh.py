@@ -20,19 +20,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from visual_tokenizers.core.runtime.rules import DEFAULT_RULES  # noqa: F401  (re-exported)
+
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
-
-# Logical axis -> mesh axes. FSDP shards the model width, tensor parallelism the MLP/heads.
-DEFAULT_RULES = (
-    ("embed", "fsdp"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("vocab", "model"),
-    ("codebook", None),
-    ("kv", None),
-    ("patch", None),
-)
 
 # Environment variables that tell us we are one of several processes.
 _MULTIPROCESS_ENV = (
