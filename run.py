@@ -1,11 +1,15 @@
 """Entry point: python run.py --config=configs/vq_b16.py[:tiny] --workdir=DIR [--config.KEY=VALUE]
 
-Parses flags, sets up logging and multi-host JAX, and runs the job named by `config.job`.
+Parses flags, sets up logging and multi-host JAX, writes the resolved config to
+WORKDIR/config.json and runs the job named by `config.job`. `--print_config` prints the
+resolved config (after overrides) and exits. An override of a key from the old vocabulary
+(configs/common.py RENAMED) fails with the key's new name.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -20,6 +24,8 @@ if __package__ != "visual_tokenizers":  # run as a script: use this checkout, in
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from visual_tokenizers.configs import common as configs_common  # noqa: E402
 
 # config.job -> module under jobs/ exposing run(config, workdir) -> dict.
 JOBS = {
@@ -39,6 +45,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config as JSON and exit (no --workdir needed)."
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs started by hand."
 )
@@ -58,14 +67,69 @@ def job_module(name: str):
     return importlib.import_module(JOBS[name])
 
 
+def config_json(config) -> str:
+    """The resolved config as JSON (tuples become lists)."""
+    return json.dumps(config.to_dict(), indent=2, default=str)
+
+
+def _config_overrides(argv) -> tuple[str | None, list[str]]:
+    """(the --config file argument, the dotted keys of its --config.KEY overrides)."""
+    spec, keys = None, []
+    for i, arg in enumerate(argv):
+        name, has_value, value = arg.partition("=")
+        if name in ("--config", "-config"):
+            spec = value if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
+        for prefix in ("--config.", "-config.", "--noconfig.", "-noconfig."):
+            if name.startswith(prefix):
+                keys.append(name[len(prefix) :])
+    return spec, keys
+
+
+def _load_config_file(spec: str):
+    """The config a --config=PATH[:ARG] argument names, before overrides."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def override_error(argv, err: Exception) -> str:
+    """Why a --config.KEY override failed: the key's new name when it was renamed, else
+    ml_collections' message (with its closest-key suggestion)."""
+    spec, keys = _config_overrides(argv)
+    if spec:
+        config = _load_config_file(spec)
+        for key in keys:
+            message = configs_common.renamed_key_message(config, key)
+            if message:
+                return message
+    inner = err.args[0] if err.args else err
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+    return f"unknown config key in {' '.join(f'--config.{k}' for k in keys)}: {text}"
+
+
+def parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as err:  # An override of a key the config lacks.
+        raise SystemExit(override_error(argv, err)) from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        print(config_json(config), flush=True)
+        return
+    workdir = _WORKDIR.value
+    if not workdir:
+        raise app.UsageError("--workdir is required (except with --print_config)")
     from visual_tokenizers.core.runtime import mesh as mesh_lib
+    from visual_tokenizers.core.tokens import manifest
 
     mesh_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
-    workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:
@@ -81,11 +145,13 @@ def main(argv):
         jax.process_count(),
         workdir,
     )
+    if jax.process_index() == 0:  # A rerun overwrites it: it describes the latest run.
+        manifest.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     result = job_module(config.job).run(config, workdir)
     if jax.process_index() == 0:
         print(json.dumps(result, default=float), flush=True)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    sys.exit(app.run(main))
+    flags.mark_flags_as_required(["config"])
+    sys.exit(app.run(main, flags_parser=parse_flags))

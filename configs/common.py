@@ -1,8 +1,68 @@
-"""Defaults shared by the experiment configs. Each value says where it comes from."""
+"""Defaults shared by the experiment configs, and the key names every job uses.
+
+Each default value says where it comes from. The same things have the same keys in every job:
+
+  tokenizer=dict(workdir, step, use_ema), maskgit=dict(workdir, step, use_ema)
+      Which finished run a job reads. step -1: the latest checkpoint. use_ema None (default):
+      the EMA weights when the checkpoint has them (MaskGIT runs keep none), False: the
+      trained weights.
+  data=dict(source, split, data_dir, image_size, batch_size, max_examples, num_threads, ...)
+      The images a job reads: source is `tfds:NAME[:SPLIT]`, `folder:PATH` or `builtin:NAME`;
+      batch_size is global (all processes). Training jobs train on data.source / data.split.
+  eval=dict(source, split, batch_size, num_examples, ...)
+      A training job's held-out pass (at data.image_size, from data.data_dir).
+
+Keys of the old vocabulary are refused with their new spelling (RENAMED, checked by run.py).
+"""
 
 from ml_collections import ConfigDict
 
 from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
+
+# Old key -> new key. A key is matched at any depth (the demo nests whole job configs), and
+# refused only when the config has the new key and not the old one ('batch_size' is still
+# the sample job's own).
+RENAMED = {
+    "tokenizer_workdir": "tokenizer.workdir",
+    "tokenizer_step": "tokenizer.step",
+    "use_ema": "tokenizer.use_ema",
+    "maskgit_workdir": "maskgit.workdir",
+    "maskgit_step": "maskgit.step",
+    "data.train": "data.source",
+    "data.train_split": "data.split",
+    "data.spec": "data.source",
+    "data.eval": "eval.source",
+    "data.eval_split": "eval.split",
+    "data.global_batch_size": "data.batch_size",
+    "reference.spec": "reference.source",
+    "batch_size": "data.batch_size",
+    "max_examples": "data.max_examples",
+    "num_threads": "data.num_threads",
+    "prefetch": "data.prefetch",
+}
+
+
+def _has_key(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node.keys():
+            return False
+        node = node[part]
+    return True
+
+
+def renamed_key_message(config, key: str) -> str | None:
+    """'config.KEY was renamed config.NEW' when `key` (dotted) is an old name of one of
+    `config`'s keys; None otherwise (a key it has, or an unknown one)."""
+    if _has_key(config, key):
+        return None
+    for old, new in RENAMED.items():
+        if key == old or key.endswith("." + old):
+            renamed = key[: len(key) - len(old)] + new
+            if _has_key(config, renamed):
+                return f"config.{key} was renamed config.{renamed}"
+    return None
+
 
 # LlamaGen VQ tokenizer (tokenizer/tokenizer_image/vq_train.py): torch Adam (0.9, 0.95), lr
 # 1e-4, constant, grad-norm clip 1.0, the same for the discriminator; its --weight-decay 0.05

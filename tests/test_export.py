@@ -213,6 +213,9 @@ def test_two_processes_export_like_one(tokenizer_dir, exported, tmp_path):
     manifest = token_manifest.verify(out)
     assert manifest["total_rows"] == NUM and manifest["sharding"]["process_count"] == 2
     assert _rows_by_key(out) == _rows_by_key(exported[0])
+    with open(os.path.join(out, "config.json")) as f:  # process 0's resolved config
+        written = json.load(f)
+    assert written["tokenizer"]["workdir"] == tokenizer_dir and written["data"]["batch_size"] == 16
 
 
 def test_folder_source_keys_are_relative_paths(tokenizer_dir, tmp_path):
