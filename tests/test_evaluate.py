@@ -250,7 +250,7 @@ def test_samples_against_a_cached_data_source(tmp_path, offline_cache):
     config = evaluate_config.get_config("samples")
     config.metrics = ("fid", "pr")
     config.samples.update(path=_write_samples(tmp_path / "s.npz", images), batch_size=8)
-    config.reference.update(spec="builtin:shapes", split="train", image_size=32, num_examples=N)
+    config.reference.update(source="builtin:shapes", split="train", image_size=32, num_examples=N)
     config.weights.inception = "inception.pth"
     first = evaluate.run(config, str(tmp_path / "a"))
     reference, _ = _shapes("train", 0, N)  # Eval order: the first N images of the split.
