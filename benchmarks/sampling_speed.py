@@ -50,8 +50,8 @@ from maskgit.libml import parallel_decode  # noqa: E402
 from maskgit.nets import maskgit_transformer  # noqa: E402
 
 from visual_tokenizers.benchmarks.tokenizer_speed import compile_seconds, time_pair  # noqa: E402
+from visual_tokenizers.core.tokens.layout import Vocab  # noqa: E402
 from visual_tokenizers.models.maskgit import MaskGIT, make_sampler  # noqa: E402
-from visual_tokenizers.tokenizers.base import Vocab  # noqa: E402
 
 PEER_NAME = "official MaskGIT transformer + parallel_decode (maskgit==0.0.1.dev0, jax.jit)"
 CHOICE_TEMPERATURE = 4.5

@@ -23,13 +23,14 @@ import os
 import pickle
 import shutil
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 
 import ml_dtypes
 import numpy as np
+
+from visual_tokenizers.core import files
 
 CACHE_ENV = "TOKENIZERS_CACHE"
 OFFLINE_ENV = "TOKENIZERS_OFFLINE"
@@ -150,17 +151,14 @@ def _download(weights: WeightFile, target: str) -> str:
         raise WeightsUnavailable(f"{weights.name} is not cached and ${OFFLINE_ENV} is set. {where}")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     logging.info("downloading %s to %s", weights.url, target)
-    fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(weights.url, timeout=30) as r:
-            shutil.copyfileobj(r, out, 1 << 20)
-        _check(partial, weights)
-        os.replace(partial, target)  # Atomic: a half-written file never looks cached.
+    try:  # Atomic: a half-written or unchecked file never looks cached.
+        with files.atomic_write(target) as partial, open(partial, "wb") as out:
+            with urllib.request.urlopen(weights.url, timeout=30) as r:
+                shutil.copyfileobj(r, out, 1 << 20)
+            out.flush()
+            _check(partial, weights)
     except (urllib.error.URLError, OSError) as err:
         raise WeightsUnavailable(f"could not download {weights.name} ({err}). {where}") from err
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return target
 
 

@@ -25,6 +25,7 @@ import time
 
 import ml_collections
 
+from visual_tokenizers.core import files
 from visual_tokenizers.core.runtime import checkpoint
 
 STAGES_FILE = "stages.json"
@@ -43,13 +44,15 @@ class Stages:
         self.skipped: set[str] = set()
 
     def run(self, name: str, settings: dict, fn) -> dict:
-        settings = json.loads(json.dumps(settings, default=str))
+        settings = files.as_json(settings)
         if name in self.done:
-            if self.done[name]["settings"] != settings:
-                raise ValueError(
-                    f"stage {name!r} of {os.path.dirname(self.path)} finished with other "
-                    f"settings (see {self.path}); use a fresh --workdir for new settings"
-                )
+            files.refuse_other_settings(
+                self.done[name]["settings"],
+                settings,
+                what=f"stage {name!r} of {os.path.dirname(self.path)} finished",
+                fix=f"Rerun with the settings recorded in {self.path}, or use a fresh --workdir "
+                "for new settings.",
+            )
             logging.info("demo: stage %s already finished, skipped", name)
             self.skipped.add(name)
             return self.done[name]["result"]
@@ -61,10 +64,7 @@ class Stages:
             "result": result,
             "seconds": time.perf_counter() - start,
         }
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.done, f, indent=1)
-        os.replace(tmp, self.path)
+        files.write_json(self.path, self.done)
         logging.info("demo: stage %s done in %.1fs", name, self.done[name]["seconds"])
         return result
 

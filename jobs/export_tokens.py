@@ -41,6 +41,7 @@ from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens import manifest as manifest_lib
 from visual_tokenizers.core.tokens import shards as shards_lib
+from visual_tokenizers.core.tokens.layout import TokenRowLayout
 
 MODES = ("export", "decode", "stats")
 
@@ -109,7 +110,7 @@ class _Export:
     """What the encode loop needs, and what it has done."""
 
     plan: shards_lib.Plan
-    layout: shards_lib.TokenLayout
+    layout: TokenRowLayout
     key_of: object
     writer: shards_lib.ShardWriter
     have: set  # shards this process already has complete
@@ -135,7 +136,7 @@ def export(config, workdir: str) -> dict:
     )
     plan = make_plan(config, source, mesh)
     encode, indices_shape = tt.compile_encode(tok, mesh, plan.global_batch, image_size)
-    layout = shards_lib.TokenLayout.create(
+    layout = TokenRowLayout.create(
         indices_shape, tok.vocab, offset=config.vocab_offset, delimiters=config.image_delimiters
     )
     key_of, key_text = shards_lib.key_function(source, plan)
@@ -292,7 +293,7 @@ def describe(config, tok, source, plan, layout, image_size: int, key_text: str):
             "weights": tok.weights,
             "config": tok.config.to_dict(),
         },
-        "quantizer": {"family": tok.config.quantizer.name, "vocab": dataclasses.asdict(tok.vocab)},
+        "quantizer": {"family": tok.config.quantizer.name, "vocab": tok.vocab.to_dict()},
         "tokens": {
             "column": "tokens",
             "dtype": "int32",
@@ -345,7 +346,7 @@ def decode(config, workdir: str) -> dict:
     from PIL import Image
 
     manifest = manifest_lib.read_manifest(workdir)
-    layout = shards_lib.TokenLayout.from_dict(manifest["tokens"]["layout"])
+    layout = TokenRowLayout.from_dict(manifest["tokens"]["layout"])
     keys, tokens = manifest_lib.read_rows(workdir, manifest, config.decode.max_images)
     indices = layout.from_stored(tokens)
     mesh = mesh_lib.make_mesh(config.mesh)

@@ -30,9 +30,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from visual_tokenizers.core import files
 from visual_tokenizers.core import trained_tokenizer as tt
 from visual_tokenizers.core.data.images import save_grid
 from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.models.maskgit import make_sampler
 
 PARTS = ".parts"
@@ -121,7 +123,7 @@ class GridSampler:
         columns = 8
         n = math.ceil(len(classes) * columns / parallel) * parallel
         labels = labels_for([c for c in classes for _ in range(columns)], n)
-        ndim = 1 + len(r["token_shape"]) + (1 if _grouped(r["vocab"]) else 0)
+        ndim = 1 + len(Vocab.from_dict(r["vocab"]).index_shape(r["token_shape"]))
         generator = Generator.create(
             model_def, tokenizer, mesh, sample_options(config.sample), ndim
         )
@@ -138,10 +140,6 @@ class GridSampler:
             save_grid(path, rows)
             logging.info("samples at step %d: %s", step, path)
         return {"sample_seconds": time.perf_counter() - start}
-
-
-def _grouped(vocab: dict) -> bool:
-    return vocab.get("bits") is not None and vocab["bits"] > 31
 
 
 # ----------------------------------------------------------------------------- the job
@@ -178,7 +176,7 @@ def run(config, workdir: str) -> dict:
         logging.info("sample: %s already holds these samples; nothing to do", workdir)
         return done
     tokenizer = restore_tokenizer(r, mesh, config.tokenizer.workdir)
-    ndim = 1 + len(r["token_shape"]) + (1 if _grouped(r["vocab"]) else 0)
+    ndim = 1 + len(Vocab.from_dict(r["vocab"]).index_shape(r["token_shape"]))
     generator = Generator.create(maskgit.model_def, tokenizer, mesh, sample_options(config), ndim)
     labels = labels_for(classes, config.num_samples)
     parts = _parts_dir(workdir, spec)
@@ -218,29 +216,24 @@ def _finished(workdir: str, spec: dict) -> dict | None:
         return None
     with open(path) as f:
         done = json.load(f)
-    if done.get("spec") != json.loads(json.dumps(spec)):
-        raise ValueError(
-            f"{workdir} already holds samples made with other settings ({path}); pass a fresh "
-            "--workdir or delete it"
-        )
+    files.refuse_other_settings(
+        done.get("spec") or {},
+        spec,
+        what=f"{workdir} already holds samples ({path}) made",
+        fix="Rerun with the same settings, or pass a fresh --workdir (or delete it).",
+    )
     return _scalars(done)
 
 
 def _parts_dir(workdir: str, spec: dict) -> str:
     parts = os.path.join(workdir, PARTS)
-    spec_path = os.path.join(parts, "spec.json")
-    if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(spec)):
-            differ = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-            raise ValueError(
-                f"{parts} holds unfinished samples made with other settings ({differ}); rerun "
-                "with the original settings to finish them, or pass a fresh --workdir"
-            )
-    elif jax.process_index() == 0:
-        os.makedirs(parts, exist_ok=True)
-        _write_json(spec_path, spec)
+    files.check_or_record_settings(
+        os.path.join(parts, "spec.json"),
+        spec,
+        what=f"{parts} holds unfinished samples made",
+        fix="Rerun with the original settings to finish them, or pass a fresh --workdir.",
+        write=jax.process_index() == 0,
+    )
     return parts
 
 
@@ -278,10 +271,7 @@ def _generate(config, generator, maskgit, labels: np.ndarray, parts: str) -> int
 
 
 def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}.npz")  # hidden: never globbed
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, path)
+    files.save_npz(path, images=images, labels=labels)  # the temporary name is never globbed
 
 
 def _assemble(config, workdir, parts, spec, resolved, classes, tokenizer) -> dict:
@@ -332,9 +322,11 @@ def _write_npz(path: str, files: list[str], labels: np.ndarray) -> tuple[int, ..
     """ADM npz from the part files without holding all images: arr_0 streamed into the zip."""
     with np.load(files[0]) as z:
         shape = (len(labels), *z["images"].shape[1:])
-    tmp = f"{path}.tmp{os.getpid()}"
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with (
+        files.atomic_write(path) as tmp,
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
         with archive.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, {**header, "shape": shape})
             for part in files:
@@ -342,7 +334,6 @@ def _write_npz(path: str, files: list[str], labels: np.ndarray) -> tuple[int, ..
                     f.write(np.ascontiguousarray(z["images"], np.uint8).tobytes())
         with archive.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, labels.astype(np.int64))
-    os.replace(tmp, path)
     return shape
 
 
@@ -363,7 +354,4 @@ def _first_of_each(files: list[str], classes, count: int) -> tuple[np.ndarray, n
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    files.write_json(path, obj, default=float)

@@ -32,9 +32,9 @@ from visual_tokenizers.core.runtime import checkpoint, loop, optim
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
 from visual_tokenizers.core.tokens import batches as tb
+from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.models.maskgit import MaskGIT
 from visual_tokenizers.models.maskgit_decode import SCHEDULES
-from visual_tokenizers.tokenizers.base import Vocab
 from visual_tokenizers.tokenizers.tokenizer import DTYPES
 
 
@@ -49,7 +49,7 @@ def model_fn_from_config(config):
     m, r = config.model, config.resolved
     return functools.partial(
         build_maskgit,
-        vocab=tb.vocab_from_dict(r.vocab.to_dict()),
+        vocab=Vocab.from_dict(r.vocab.to_dict()),
         token_shape=tuple(r.token_shape),
         num_classes=int(r.num_classes),
         width=m.width,
@@ -157,10 +157,9 @@ def resolve(config, mesh) -> Tokens:
     size = d.image_size or tok.config.data.image_size
     source = data.make_source(d.source, d.split, image_size=size, data_dir=d.data_dir or None)
     index_shape = _encoded_shape(tok, size)
-    grouped = tok.vocab.bits is not None and tok.vocab.bits > 31
     names = list(getattr(source, "class_names", None) or [])
     tokenizer = {"workdir": tok.workdir, "step": int(tok.step), "weights": tok.weights}
-    grid = index_shape[:-1] if grouped else index_shape
+    grid = index_shape[:-1] if tok.vocab.grouped else index_shape
     info = _resolved(config, tok.vocab, grid, source.num_classes, names, tokenizer)
     info["tokens"] = f"encode:{d.source}:{d.split}"
     info["num_examples"] = min(len(source), d.max_examples or len(source))
@@ -180,7 +179,7 @@ def _encoded_shape(tok: tt.Restored, image_size: int) -> tuple[int, ...]:
 def _resolved(config, vocab: Vocab, grid, num_classes, class_names, tokenizer) -> dict:
     classes = config.model.num_classes or max(int(num_classes), 1)
     return {
-        "vocab": dataclasses.asdict(vocab),
+        "vocab": vocab.to_dict(),
         "token_shape": [int(x) for x in grid],
         "num_classes": int(classes),
         "class_names": [str(c) for c in class_names][:classes],

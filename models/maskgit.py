@@ -10,7 +10,7 @@ where id `num_classes` (`null_label`) is "no class", used for class dropout in t
 unconditional half of classifier-free guidance. Masked positions get one learned mask
 embedding instead of their token's.
 
-Vocabulary (tokenizers/base.py `Vocab`):
+Vocabulary (`Vocab`, core/tokens/layout.py):
 - plain codebook (bits None): one embedding table and one softmax head over `size` codes;
 - binary codes (bits set): the bits of a token split into groups of `head_groups` bits (by
   default `vocab.groups`; `head_group_bits` re-splits, e.g. 9 for 2**18 codes as MAGVIT-v2 /
@@ -21,7 +21,7 @@ Vocabulary (tokenizers/base.py `Vocab`):
 
 Tokens enter and leave in the tokenizer's index form: [B, *token_shape] int32 (token_shape
 (h, w) for grids, flattened in raster order, or (L,) for 1-D latents), plus a trailing axis of
-`vocab.groups` group indices for binary codes above 31 bits ([..., G], tokenizers/binary.py).
+`vocab.groups` group indices for binary codes above 31 bits ([..., G], `Vocab.grouped`).
 
 Loss: cross-entropy with label smoothing on masked tokens only, averaged over all masked
 tokens of the batch. With factorised heads it is the SUM over groups of the per-group
@@ -49,15 +49,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from visual_tokenizers.core.runtime import mesh as mesh_lib
-from visual_tokenizers.models import maskgit_decode as dec
-from visual_tokenizers.models.vit import Attention, MlpBlock, _dense, _norm
-from visual_tokenizers.tokenizers.base import Vocab
-from visual_tokenizers.tokenizers.binary import (
-    MAX_INT32_BITS,
+from visual_tokenizers.core.tokens.layout import (
+    Vocab,
     bits_to_indices,
     indices_to_bits,
     split_bits,
 )
+from visual_tokenizers.models import maskgit_decode as dec
+from visual_tokenizers.models.vit import Attention, MlpBlock, _dense, _norm
 
 _embed_init = nnx.initializers.truncated_normal(stddev=0.02)  # BERT / MaskGIT init
 
@@ -74,7 +73,7 @@ def head_groups(vocab: Vocab, head_group_bits: int = 0) -> tuple[int, ...] | Non
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenLayout:
+class HeadLayout:
     """Converts tokenizer indices to per-head group ids [B, N, G] and back (hashable)."""
 
     vocab: Vocab
@@ -91,22 +90,13 @@ class TokenLayout:
         return (self.vocab.size,) if self.groups is None else tuple(2**g for g in self.groups)
 
     @property
-    def grouped_input(self) -> bool:
-        """Binary codes above 31 bits come as [..., G] index groups (tokenizers/binary.py)."""
-        return self.vocab.bits is not None and self.vocab.bits > MAX_INT32_BITS
-
-    @property
-    def index_groups(self) -> tuple[int, ...]:
-        return tuple(self.vocab.groups or ()) if self.grouped_input else (self.vocab.bits,)
-
-    @property
     def length(self) -> int:
         return math.prod(self.token_shape)
 
     @property
     def index_shape(self) -> tuple[int, ...]:
         """Shape of one sample's tokenizer indices."""
-        return self.token_shape + ((len(self.index_groups),) if self.grouped_input else ())
+        return self.vocab.index_shape(self.token_shape)
 
     def to_ids(self, tokens: jax.Array) -> jax.Array:
         """Tokenizer indices [B, *index_shape] -> group ids [B, N, G]."""
@@ -118,9 +108,8 @@ class TokenLayout:
         tokens = tokens.astype(jnp.int32)
         if self.groups is None:
             return tokens.reshape(tokens.shape[0], self.length, 1)
-        bits = indices_to_bits(
-            tokens if self.grouped_input else tokens[..., None], self.index_groups
-        )
+        grouped = tokens if self.vocab.grouped else tokens[..., None]
+        bits = indices_to_bits(grouped, self.vocab.int32_groups)
         return bits_to_indices(bits, self.groups).reshape(tokens.shape[0], self.length, -1)
 
     def to_tokens(self, ids: jax.Array) -> jax.Array:
@@ -128,8 +117,8 @@ class TokenLayout:
         batch = ids.shape[0]
         if self.groups is None:
             return ids[..., 0].reshape(batch, *self.token_shape)
-        indices = bits_to_indices(indices_to_bits(ids, self.groups), self.index_groups)
-        indices = indices if self.grouped_input else indices[..., 0]
+        indices = bits_to_indices(indices_to_bits(ids, self.groups), self.vocab.int32_groups)
+        indices = indices if self.vocab.grouped else indices[..., 0]
         return indices.reshape(batch, *self.index_shape)
 
 
@@ -172,7 +161,7 @@ class MaskGIT(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.layout = TokenLayout(vocab, tuple(token_shape), head_group_bits)
+        self.layout = HeadLayout(vocab, tuple(token_shape), head_group_bits)
         self.num_classes, self.dtype = num_classes, dtype
         self.token_embed = nnx.List(
             [_table(k, width, ("vocab", "embed"), rngs) for k in self.layout.sizes]

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from visual_tokenizers.core.tokens import layout
+from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.tokenizers import binary
-from visual_tokenizers.tokenizers.base import Vocab
 from visual_tokenizers.tokenizers.binary import BinarySphericalQuantizer, LookupFreeQuantizer
 
 CLASSES = {"lfq": LookupFreeQuantizer, "bsq": BinarySphericalQuantizer}
@@ -127,7 +128,7 @@ def test_grouped_entropy_equals_enumeration():
     d, t = 10, 100.0
     x = normal(3, 256, d, scale=0.02)  # spread probabilities: every code gets some mass
     p = enumerate_codes(x, 1.0, t)  # [N, 1024]
-    groups = binary.split_bits(d, 4)
+    groups = layout.split_bits(d, 4)
     assert groups == (4, 3, 3)
 
     @jax.jit
@@ -185,17 +186,17 @@ def test_no_tensor_of_size_2_to_the_d(bits):
 
 @pytest.mark.parametrize("bits", [18, 36])
 def test_factorised_index_round_trip(bits):
-    groups = binary.split_bits(bits, 18)
+    groups = layout.split_bits(bits, 18)
     rng = np.random.default_rng(bits)
     b = rng.integers(0, 2, (500, bits)).astype(bool)
-    idx = jax.jit(binary.bits_to_indices, static_argnums=1)(jnp.asarray(b), groups)
+    idx = jax.jit(layout.bits_to_indices, static_argnums=1)(jnp.asarray(b), groups)
     assert idx.shape == (500, len(groups)) and idx.dtype == jnp.int32
     start = 0
     for j, g in enumerate(groups):  # MSB first within each group
         want = (b[:, start : start + g] * (1 << np.arange(g - 1, -1, -1))).sum(-1)
         np.testing.assert_array_equal(idx[:, j], want)
         start += g
-    back = jax.jit(binary.indices_to_bits, static_argnums=1)(idx, groups)
+    back = jax.jit(layout.indices_to_bits, static_argnums=1)(idx, groups)
     np.testing.assert_array_equal(back, b)
 
 

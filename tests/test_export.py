@@ -27,6 +27,7 @@ from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.tokens import manifest as token_manifest
 from visual_tokenizers.core.tokens import shards as token_shards
 from visual_tokenizers.core.tokens import stats as token_stats
+from visual_tokenizers.core.tokens.layout import TokenRowLayout, Vocab
 from visual_tokenizers.jobs import export_tokens, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,22 +305,18 @@ def test_ema_params_are_read_from_a_checkpoint_that_has_them(tokenizer_dir, load
 
 
 def test_token_layout_round_trip_and_limits():
-    from visual_tokenizers.tokenizers.base import Vocab
-
-    layout = token_shards.TokenLayout.create((4, 4), Vocab(size=512), offset=7, delimiters=True)
+    layout = TokenRowLayout.create((4, 4), Vocab(size=512), offset=7, delimiters=True)
     indices = np.random.default_rng(0).integers(0, 512, (3, 4, 4))
     stored = layout.to_stored(indices)
     assert stored.shape == (3, 18) and stored.dtype == np.int32
     assert stored[0, 0] == 7 + 512 and stored[0, -1] == 7 + 513
     np.testing.assert_array_equal(layout.from_stored(stored), indices)
-    again = token_shards.TokenLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
+    again = TokenRowLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
     assert again == layout
-    grouped = token_shards.TokenLayout.create(
-        (4, 4, 2), Vocab(size=2**36, bits=36, groups=(18, 18))
-    )
+    grouped = TokenRowLayout.create((4, 4, 2), Vocab(size=2**36, bits=36, groups=(18, 18)))
     assert grouped.grouped and grouped.value_vocab == 2**18 and grouped.length == 32
     with pytest.raises(ValueError, match="int32"):
-        token_shards.TokenLayout.create((4,), Vocab(size=2**31 - 10), offset=100)
+        TokenRowLayout.create((4,), Vocab(size=2**31 - 10), offset=100)
 
 
 def _zipf_probs(k, s):

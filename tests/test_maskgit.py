@@ -11,9 +11,9 @@ import optax
 from flax import nnx
 
 from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.models import maskgit_decode as dec
-from visual_tokenizers.models.maskgit import MaskGIT, TokenLayout, make_sampler
-from visual_tokenizers.tokenizers.base import Vocab
+from visual_tokenizers.models.maskgit import HeadLayout, MaskGIT, make_sampler
 
 TINY = dict(width=16, depth=1, heads=2, mlp_dim=32)
 RNG = np.random.default_rng(0)  # test inputs come from numpy: no jax compile per input
@@ -143,7 +143,7 @@ def test_guidance_scale_zero_is_the_unconditional_path():
 def test_factorised_loss_equals_full_softmax():
     logits = RNG.normal(size=(2, 5, 64)).astype(np.float32)
     y = RNG.integers(0, 64, (2, 5))
-    layout = TokenLayout(Vocab(64, 6, (6,)), (5,), head_group_bits=3)  # two groups of 3 bits
+    layout = HeadLayout(Vocab(64, 6, (6,)), (5,), head_group_bits=3)  # two groups of 3 bits
 
     @jax.jit
     def losses(logits):
@@ -177,7 +177,7 @@ def test_group_ids_round_trip_and_summed_embeddings():
         lambda layout, t: (layout.to_ids(t), layout.to_tokens(layout.to_ids(t))), static_argnums=0
     )
     t = RNG.integers(0, 2**10, (2, 3, 4))
-    layout = TokenLayout(Vocab(2**10, 10, (10,)), (3, 4), head_group_bits=4)  # groups 4, 3, 3
+    layout = HeadLayout(Vocab(2**10, 10, (10,)), (3, 4), head_group_bits=4)  # groups 4, 3, 3
     ids, back = round_trip(layout, t)
     np.testing.assert_array_equal(
         ids, np.stack([t >> 6, (t >> 3) & 7, t & 7], -1).reshape(2, 12, 3)
@@ -185,7 +185,7 @@ def test_group_ids_round_trip_and_summed_embeddings():
     np.testing.assert_array_equal(back, t)
     # 36 bits arrive as two 18-bit index groups [..., 2]; heads of 12 bits cut across them.
     hi, lo = RNG.integers(0, 2**18, (2, 2, 5))
-    layout = TokenLayout(Vocab(2**36, 36, (18, 18)), (5,), head_group_bits=12)
+    layout = HeadLayout(Vocab(2**36, 36, (18, 18)), (5,), head_group_bits=12)
     ids, back = round_trip(layout, np.stack([hi, lo], -1))
     expected = np.stack([hi >> 6, ((hi & 63) << 6) | (lo >> 12), lo & 4095], -1)
     np.testing.assert_array_equal(ids, expected)

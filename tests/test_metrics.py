@@ -141,7 +141,7 @@ def test_codebook_stats():
 
 
 def test_codebook_stats_for_huge_and_grouped_binary_vocabularies():
-    from visual_tokenizers.tokenizers.base import Vocab
+    from visual_tokenizers.core.tokens.layout import Vocab
 
     dense = metrics.CodebookStats(2**18)
     sparse = metrics.CodebookStats(2**30)  # counts only the codes seen

@@ -21,8 +21,8 @@ from visual_tokenizers.core.evaluation import metrics
 from visual_tokenizers.core.runtime import checkpoint, train_state
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens import batches as tb
+from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.jobs import export_tokens, sample, train_maskgit, train_tokenizer
-from visual_tokenizers.tokenizers.base import Vocab
 
 NUM = 96  # exported training examples: 6 batches of 16
 

@@ -1,8 +1,6 @@
-"""What every quantizer returns and how it describes its index space."""
+"""What every quantizer returns (its index space, `Vocab`, is in core/tokens/layout.py)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 from flax import struct
@@ -22,17 +20,3 @@ class QuantizerOutput:
     indices: jax.Array
     losses: dict[str, jax.Array]
     stats: dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-    """The index space of a quantizer.
-
-    size: number of distinct indices (codebook size, or 2**bits for binary codes).
-    bits / groups: for binary codes, the number of bits per token and how they split into
-    groups (MaskGIT's factorized heads use the same layout); None for plain codebooks.
-    """
-
-    size: int
-    bits: int | None = None
-    groups: tuple[int, ...] | None = None

@@ -11,7 +11,8 @@ the top bit, as vector-quantize-pytorch's LFQ). The bits split into index groups
 (`vocab.groups`, larger groups first): for d <= 31 the index is one int32 per token whose bits
 read as those groups from the top (MaskGIT's factorised heads split it the same way); for
 d > 31 it does not fit an int32 and `indices` holds the G group indices, shape [..., G], each
-group's bits MSB first. `vocab.size` is 2**d either way.
+group's bits MSB first (`vocab.grouped`, core/tokens/layout.py). `vocab.size` is 2**d either
+way.
 
 Losses (already weighted): commitment `commitment_weight * MSE(x, sg(q))` and the entropy
 regulariser `entropy_weight * (E_n[H(p(c | x_n))] - diversity_gamma * H(E_n[p(c | x_n)]))`
@@ -50,40 +51,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from visual_tokenizers.tokenizers.base import QuantizerOutput, Vocab
+from visual_tokenizers.core.tokens.layout import (
+    MAX_INT32_BITS,
+    Vocab,
+    bits_to_indices,
+    indices_to_bits,
+    split_bits,
+)
+from visual_tokenizers.tokenizers.base import QuantizerOutput
 
 sg = jax.lax.stop_gradient
-MAX_INT32_BITS = 31  # a non-negative int32 holds 31 bits
 
 
 class UsageState(nnx.Variable):
     """Usage arrays updated in place by train calls; never differentiated."""
-
-
-def split_bits(bits: int, max_group: int) -> tuple[int, ...]:
-    """Split of `bits` into the fewest near-equal groups of at most max_group bits, larger first."""
-    count = -(-bits // max_group)
-    base, extra = divmod(bits, count)
-    return tuple(base + 1 if i < extra else base for i in range(count))
-
-
-def bits_to_indices(bits: jax.Array, groups: tuple[int, ...]) -> jax.Array:
-    """Bits [..., d] (bool or 0/1, most significant first) -> int32 group indices [..., G]."""
-    out, start = [], 0
-    for g in groups:
-        weights = jnp.left_shift(1, jnp.arange(g - 1, -1, -1, dtype=jnp.int32))
-        out.append(jnp.sum(bits[..., start : start + g].astype(jnp.int32) * weights, -1))
-        start += g
-    return jnp.stack(out, -1)
-
-
-def indices_to_bits(indices: jax.Array, groups: tuple[int, ...]) -> jax.Array:
-    """Group indices [..., G] -> bool bits [..., d], most significant bit first."""
-    parts = []
-    for j, g in enumerate(groups):
-        shifts = jnp.arange(g - 1, -1, -1, dtype=jnp.int32)
-        parts.append(jnp.right_shift(indices[..., j, None].astype(jnp.int32), shifts) & 1)
-    return jnp.concatenate(parts, -1).astype(bool)
 
 
 def binary_entropy(a: jax.Array) -> jax.Array:
@@ -175,7 +156,7 @@ class BinaryQuantizer(nnx.Module):
             raise ValueError(f"quantizer entropy_group_bits={entropy_group_bits} must be >= 1")
         self.entropy_groups = split_bits(d, entropy_group_bits)
         self.index_groups = _index_groups(d, index_group_bits)
-        self.flat_indices = d <= MAX_INT32_BITS
+        self.flat_indices = not self.vocab.grouped
         self.scale = 1.0 / math.sqrt(d) if self.spherical else 1.0
         self.usage_window, self.seed, self.dtype = usage_window, seed, dtype
         self.in_proj, self.out_proj = _projections(dim, d, rngs) if dim != d else (None, None)
@@ -201,10 +182,9 @@ class BinaryQuantizer(nnx.Module):
 
     def embed(self, indices: jax.Array) -> jax.Array:
         """Quantized vectors [..., dim] for indices [...] (d <= 31) or [..., G] (d > 31)."""
-        if self.flat_indices:  # the flat index reads as one group of all d bits
-            bits = indices_to_bits(indices[..., None], (self.bits,))
-        else:
-            bits = indices_to_bits(indices, self.index_groups)
+        # A flat index reads as one group of all d bits (vocab.int32_groups == (d,)).
+        groups = indices[..., None] if self.flat_indices else indices
+        bits = indices_to_bits(groups, self.vocab.int32_groups)
         return self._project_out(jnp.where(bits, self.scale, -self.scale))
 
     def __call__(self, z: jax.Array, *, train: bool = False) -> QuantizerOutput:
@@ -222,7 +202,7 @@ class BinaryQuantizer(nnx.Module):
             stats.update(per_sample_entropy=sg(sample_h), codebook_entropy=sg(code_h))
         # Forward value exactly q (x - sg(x) == 0), so embed(indices) matches it.
         quantized = self._project_out(sg(q) + (x - sg(x)))
-        keys = bits_to_indices(positive, (self.bits,) if self.flat_indices else self.index_groups)
+        keys = bits_to_indices(positive, self.vocab.int32_groups)
         stats.update(self._batch_stats(positive, keys))
         stats.update(self._window_stats(keys, train))
         indices = keys[:, 0] if self.flat_indices else keys

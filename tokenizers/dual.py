@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from visual_tokenizers.tokenizers.base import QuantizerOutput, Vocab
+from visual_tokenizers.core.tokens.layout import Vocab
+from visual_tokenizers.tokenizers.base import QuantizerOutput
 from visual_tokenizers.tokenizers.vq import CodebookState, _entropy, _l2norm, nearest_code
 
 sg = jax.lax.stop_gradient

@@ -53,7 +53,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from visual_tokenizers.tokenizers.base import QuantizerOutput, Vocab
+from visual_tokenizers.core.tokens.layout import Vocab
+from visual_tokenizers.tokenizers.base import QuantizerOutput
 
 sg = jax.lax.stop_gradient
 

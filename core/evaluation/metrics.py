@@ -28,7 +28,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from scipy import linalg
 
+from visual_tokenizers.core import files
 from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.tokens.layout import Vocab, join_groups
 
 
 def psnr_ssim(images_uint8, reconstructions_uint8):
@@ -43,16 +45,14 @@ class CodebookStats:
 
     Vocabularies up to 2**24 codes use a dense histogram; larger ones (binary codes of 18-36
     bits) count only the codes seen. Binary codes of more than 31 bits arrive as group indices
-    [..., G] (tokenizers/binary.py); pass `vocab` so they are joined into one code per token.
+    [..., G] (`Vocab.grouped`); pass `vocab` so they are joined into one code per token.
     """
 
     DENSE_LIMIT = 2**24
 
-    def __init__(self, codebook_size: int, vocab=None):
+    def __init__(self, codebook_size: int, vocab: Vocab | None = None):
         self.size = int(codebook_size)
-        self.group_bits = None
-        if vocab is not None and vocab.groups and vocab.size > 2**31:
-            self.group_bits = tuple(int(g) for g in vocab.groups)
+        self.group_bits = vocab.int32_groups if vocab is not None and vocab.grouped else None
         self.dense = self.size <= self.DENSE_LIMIT
         self.counts = np.zeros(self.size, np.int64) if self.dense else collections.Counter()
 
@@ -60,10 +60,7 @@ class CodebookStats:
         indices = np.asarray(indices)
         if self.group_bits is None:
             return indices.reshape(-1).astype(np.int64)
-        codes = np.zeros(indices.shape[:-1], np.uint64)
-        for g, bits in enumerate(self.group_bits):  # most significant group first
-            codes = (codes << np.uint64(bits)) | indices[..., g].astype(np.uint64)
-        return codes.reshape(-1)
+        return join_groups(indices, self.group_bits).reshape(-1)
 
     def update(self, indices):
         flat = self._flat(indices)
@@ -251,10 +248,7 @@ def save_stats(path: str, features=None, *, mu=None, sigma=None, **extra) -> str
     """Writes an npz with `mu`, `sigma` (from features if given) and any extra arrays."""
     if features is not None:
         mu, sigma = gaussian_stats(features)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, **extra)
-    os.replace(tmp, path)  # Atomic: a crash never leaves a half-written cache entry.
+    files.save_npz(path, mu=mu, sigma=sigma, **extra)  # a crash never leaves half an entry
     return path
 
 

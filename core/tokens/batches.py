@@ -25,7 +25,7 @@ import numpy as np
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.tokens import manifest as manifest_lib
 from visual_tokenizers.core.tokens import shards as shards_lib
-from visual_tokenizers.tokenizers.base import Vocab
+from visual_tokenizers.core.tokens.layout import TokenRowLayout, Vocab
 
 _TOKEN_PERM_TAG = 0x70CE  # permutation seeds of token batches (disjoint from core.data's)
 
@@ -113,11 +113,6 @@ class ExportedTokens:
             step += 1
 
 
-def vocab_from_dict(d: dict) -> Vocab:
-    groups = d.get("groups")
-    return Vocab(int(d["size"]), d.get("bits"), tuple(groups) if groups else None)
-
-
 def load_export(directory: str, verify: bool = True) -> ExportedTokens:
     """Reads a finished export; checks its shards (sha256), vocabulary and token values.
 
@@ -125,8 +120,8 @@ def load_export(directory: str, verify: bool = True) -> ExportedTokens:
     begin/end-of-image ids removed, reshaped to the tokenizer's per-image index shape.
     """
     manifest = manifest_lib.verify(directory) if verify else manifest_lib.read_manifest(directory)
-    layout = shards_lib.TokenLayout.from_dict(manifest["tokens"]["layout"])
-    vocab = vocab_from_dict(manifest["quantizer"]["vocab"])
+    layout = TokenRowLayout.from_dict(manifest["tokens"]["layout"])
+    vocab = Vocab.from_dict(manifest["quantizer"]["vocab"])
     _check_layout(directory, layout, vocab)
     keys, labels, rows = [], [], []
     for entry in manifest["shards"]:
@@ -165,10 +160,8 @@ def load_export(directory: str, verify: bool = True) -> ExportedTokens:
     return ExportedTokens(directory, manifest, keys, indices, labels, vocab, layout.indices_shape)
 
 
-def _check_layout(directory: str, layout: shards_lib.TokenLayout, vocab: Vocab) -> None:
-    grouped = vocab.bits is not None and vocab.bits > 31
-    want = 2 ** max(vocab.groups) if grouped else vocab.size
-    if layout.grouped != grouped or layout.value_vocab != want:
+def _check_layout(directory: str, layout: TokenRowLayout, vocab: Vocab) -> None:
+    if not layout.matches(vocab):
         raise manifest_lib.ExportError(
             f"{directory}/manifest.json: quantizer vocab {vocab} does not match the token layout "
             f"(value_vocab {layout.value_vocab}, grouped {layout.grouped}); the manifest is "

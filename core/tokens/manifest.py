@@ -16,8 +16,10 @@ import os
 
 import numpy as np
 
+from visual_tokenizers.core import files
 from visual_tokenizers.core.tokens import shards as shards_lib
 from visual_tokenizers.core.tokens import stats as token_stats
+from visual_tokenizers.core.tokens.layout import TokenRowLayout
 
 MANIFEST = "manifest.json"
 SPEC = "export_spec.json"
@@ -30,40 +32,16 @@ class ExportError(RuntimeError):
     """An export directory that cannot be resumed, or shards that do not add up."""
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, tuple | set):
-        return list(x)
-    return str(x)
-
-
 def check_spec(output_dir: str, spec: dict, *, write: bool) -> None:
     """Fails if OUTPUT was started with other settings; records `spec` when `write`."""
-    path = os.path.join(output_dir, SPEC)
-    spec = json.loads(json.dumps(spec, default=_json_default))  # as it reads back
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        differ = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-        if differ:
-            detail = "; ".join(f"{k}: was {old.get(k)!r}, now {spec.get(k)!r}" for k in differ)
-            raise ExportError(
-                f"{output_dir} holds an export made with other settings ({detail}). Rerun with "
-                "the original settings to resume it, or pass a fresh --workdir."
-            )
-    elif write:
-        os.makedirs(output_dir, exist_ok=True)
-        write_json_atomic(path, spec)
+    files.check_or_record_settings(
+        os.path.join(output_dir, SPEC),
+        spec,
+        what=f"{output_dir} holds an export made",
+        fix="Rerun with the original settings to resume it, or pass a fresh --workdir.",
+        error=ExportError,
+        write=write,
+    )
 
 
 def scan_shards(output_dir: str, relpaths: list[str], layout, stats: token_stats.TokenStats):
@@ -121,7 +99,7 @@ def finalize(output_dir, spec, info, relpaths, layout, *, expected_keys, codeboo
         "unreadable_keys": missing,
         "stats": {"path": STATS, "plot": PLOT},
     }
-    write_json_atomic(os.path.join(output_dir, MANIFEST), manifest)
+    files.write_json(os.path.join(output_dir, MANIFEST), manifest)
     logging.info(
         "export: %d rows in %d shards, %d unreadable; manifest %s",
         manifest["total_rows"],
@@ -178,7 +156,7 @@ def read_rows(output_dir: str, manifest: dict, max_rows: int = 0):
 def recompute_stats(output_dir: str, top_k: int = 20) -> dict:
     """mode=stats: stats.json and the plot again from the shards of a finished export."""
     manifest = read_manifest(output_dir)
-    layout = shards_lib.TokenLayout.from_dict(manifest["tokens"]["layout"])
+    layout = TokenRowLayout.from_dict(manifest["tokens"]["layout"])
     stats = token_stats.TokenStats(layout.value_vocab)
     relpaths = [e["path"] for e in manifest["shards"]]
     scan_shards(output_dir, relpaths, layout, stats)
@@ -190,7 +168,7 @@ def _write_stats(output_dir: str, stats: token_stats.TokenStats, layout, top_k: 
     """stats.json, the rank-frequency plot and the printed summary."""
     result = stats.result(top_k)
     result["unit"] = "group index" if layout.grouped else "token"
-    write_json_atomic(os.path.join(output_dir, STATS), result)
+    files.write_json(os.path.join(output_dir, STATS), result)
     token_stats.plot_rank_frequency(stats.unigram, result, os.path.join(output_dir, PLOT))
     print(token_stats.summary(result), flush=True)
     return result

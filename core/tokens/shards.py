@@ -1,5 +1,5 @@
-"""Parquet shards of exported tokens: which examples each holds, how indices become a row,
-names, atomic writes, a background writer and read-back.
+"""Parquet shards of exported tokens: which examples each holds, names, atomic writes, a
+background writer and read-back (how indices become a row: core/tokens/layout.py).
 
 A shard is one Parquet file with columns `key` (string), optional `label` (int32) and `tokens`
 (list<int32>), the layout pandas, pyarrow and Hugging Face `datasets` read without our code.
@@ -23,9 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from visual_tokenizers.core import files
+from visual_tokenizers.core.tokens.layout import INT32_MAX
+
 DATA_DIR = "data"  # Shards live in OUTPUT/data/, so `data/*.parquet` globs exactly them.
-_TMP_PREFIX = "."
-_TMP_SUFFIX = ".tmp"
 
 
 def split_tag(split: str) -> str:
@@ -41,7 +42,7 @@ def shard_name(split: str, process: int, shard: int) -> str:
 
 def remove_partial(output_dir: str, split: str, process: int) -> list[str]:
     """Deletes temporary files a killed run of this process left behind; returns them."""
-    pattern = f"{_TMP_PREFIX}{split_tag(split)}-p{process:05d}-*{_TMP_SUFFIX}*"
+    pattern = files.temp_pattern(f"{split_tag(split)}-p{process:05d}-*")
     stale = glob.glob(os.path.join(output_dir, DATA_DIR, pattern))
     for path in stale:
         os.remove(path)
@@ -65,20 +66,13 @@ def make_table(keys: list[str], labels: np.ndarray | None, tokens: np.ndarray) -
 
 
 def write_atomic(output_dir: str, relpath: str, table: pa.Table, before_rename=None) -> str:
-    """Writes table to OUTPUT/relpath via a temporary file, fsync and rename.
+    """Writes table to OUTPUT/relpath via a hidden temporary file, fsync and rename.
 
     `before_rename(tmp_path)` is a test hook: it runs while only the temporary file exists.
     """
     final = os.path.join(output_dir, relpath)
-    folder, name = os.path.split(final)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{_TMP_PREFIX}{name[: -len('.parquet')]}{_TMP_SUFFIX}{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:  # Data on disk before the name says "complete".
-        os.fsync(f.fileno())
-    if before_rename is not None:
-        before_rename(tmp)
-    os.replace(tmp, final)
+    with files.atomic_write(final, before_rename=before_rename) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return final
 
 
@@ -189,101 +183,6 @@ def key_function(source, plan: Plan):
         key = lambda i: f"{plan.split}/process{p:05d}-of-{n:05d}/{i:08d}"
         return key, "<split>/process<p>-of-<n>/<position in that process's TFDS slice>"
     return (lambda i: f"{plan.split}/{i:08d}"), "<split>/<index in the source, 8 digits>"
-
-
-INT32_MAX = 2**31 - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLayout:
-    """How a tokenizer's indices become one `tokens` row, and back.
-
-    indices_shape: one image's indices as encode returns them ([h, w] grid, [L] sequence, or
-      [h, w, G] / [L, G] group indices for binary codes of more than 31 bits).
-    value_vocab: distinct values of one stored index (codebook size, 2**bits, or 2**(largest
-      group) when grouped).
-    Stored row = [boi] + (indices flattened row-major, + offset) + [eoi]; boi/eoi are None
-    unless begin/end-of-image ids were asked for (then offset + value_vocab and that + 1).
-    """
-
-    indices_shape: tuple[int, ...]
-    value_vocab: int
-    grouped: bool = False
-    offset: int = 0
-    boi: int | None = None
-    eoi: int | None = None
-
-    @classmethod
-    def create(cls, indices_shape, vocab, *, offset: int = 0, delimiters: bool = False):
-        """Layout for a tokenizer `vocab` (tokenizers.base.Vocab) and encode's output shape."""
-        grouped = vocab.bits is not None and vocab.bits > 31  # too large for one int32
-        if grouped:
-            if not vocab.groups or indices_shape[-1] != len(vocab.groups):
-                raise ValueError(
-                    f"a {vocab.bits}-bit code needs group indices [..., {len(vocab.groups or ())}]"
-                    f" from encode; got per-image shape {tuple(indices_shape)}"
-                )
-            value_vocab = 2 ** max(vocab.groups)
-        else:
-            value_vocab = int(vocab.size)
-        boi = offset + value_vocab if delimiters else None
-        top = offset + value_vocab + (2 if delimiters else 0) - 1
-        if offset < 0 or top > INT32_MAX:
-            raise ValueError(
-                f"vocab_offset={offset} with {value_vocab} values does not fit int32 tokens; "
-                "use a smaller offset"
-            )
-        eoi = boi + 1 if delimiters else None
-        shape = tuple(int(d) for d in indices_shape)
-        return cls(shape, value_vocab, grouped, int(offset), boi, eoi)
-
-    @property
-    def delimited(self) -> bool:
-        return self.boi is not None
-
-    @property
-    def length(self) -> int:
-        """Tokens per stored row."""
-        return math.prod(self.indices_shape) + (2 if self.delimited else 0)
-
-    @property
-    def order(self) -> str:
-        grid = {1: "sequence order", 2: "raster order (row-major over [h, w])"}
-        spatial = len(self.indices_shape) - (1 if self.grouped else 0)
-        text = grid.get(spatial, f"row-major over {list(self.indices_shape)}")
-        return text + (", group indices innermost" if self.grouped else "")
-
-    def to_stored(self, indices: np.ndarray) -> np.ndarray:
-        """Indices [B, *indices_shape] -> int32 rows [B, length]."""
-        flat = np.asarray(indices, np.int64).reshape(len(indices), -1) + self.offset
-        if self.delimited:
-            n = len(flat)
-            flat = np.concatenate([np.full((n, 1), self.boi), flat, np.full((n, 1), self.eoi)], 1)
-        return flat.astype(np.int32)
-
-    def raw(self, tokens: np.ndarray) -> np.ndarray:
-        """Stored rows [N, length] -> raw index values [N, prod(indices_shape)]."""
-        tokens = np.asarray(tokens, np.int64)
-        if self.delimited:
-            if not (np.all(tokens[:, 0] == self.boi) and np.all(tokens[:, -1] == self.eoi)):
-                raise ValueError("token rows do not start/end with the begin/end-of-image ids")
-            tokens = tokens[:, 1:-1]
-        return tokens - self.offset
-
-    def from_stored(self, tokens: np.ndarray) -> np.ndarray:
-        """Stored rows -> int32 indices [N, *indices_shape], what the decoder takes."""
-        return self.raw(tokens).reshape(-1, *self.indices_shape).astype(np.int32)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["indices_shape"] = list(self.indices_shape)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TokenLayout:
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in d.items() if k in names}
-        return cls(**{**values, "indices_shape": tuple(values["indices_shape"])})
 
 
 class ShardWriter:

@@ -1,0 +1,139 @@
+"""Files a job writes and reruns read back: atomic writes, and the settings a rerun must match.
+
+Atomic writes: a file is written under a hidden temporary name next to its final path
+(`.<name>.tmp<pid>`), flushed to disk and renamed, so a file with the final name is always
+complete. A kill (even kill -9) leaves at most the hidden temporary file, which globs such as
+`*.npz` never match and `temp_pattern` finds for clean-up.
+
+Settings: a job whose output can be resumed records the settings that decide that output;
+a rerun with other settings would mix two results, so it is refused with an error that names
+each setting that differs (old and new value) and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import numpy as np
+
+TEMP_PREFIX = "."  # hidden: never matched by a plain glob
+TEMP_MARK = ".tmp"
+
+
+def temp_path(path: str) -> str:
+    """The temporary name `atomic_write` uses for `path` in this process."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f"{TEMP_PREFIX}{name}{TEMP_MARK}{os.getpid()}")
+
+
+def temp_pattern(name_pattern: str) -> str:
+    """Glob of the temporary files of final names matching `name_pattern` (any process)."""
+    return f"{TEMP_PREFIX}{name_pattern}{TEMP_MARK}*"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, *, before_rename=None):
+    """Yields a temporary path to write; on success it is fsynced and renamed to `path`.
+
+    The folder is created if needed. On an exception the temporary file is removed and
+    `path` is left as it was. `before_rename(tmp)` runs while only the temporary file exists
+    (a test hook for kills at the worst moment).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:  # Data on disk before the name says "complete".
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def json_default(x):
+    """JSON form of numpy values, tuples and sets; anything else as its str()."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, tuple | set):
+        return list(x)
+    return str(x)
+
+
+def as_json(obj, default=json_default):
+    """`obj` as it reads back from a JSON file (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(obj, default=default))
+
+
+def write_json(path: str, obj, *, default=json_default, indent: int = 1) -> None:
+    """Writes `obj` as JSON to `path` atomically."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, default=default)
+
+
+def save_npz(path: str, **arrays) -> None:
+    """np.savez to `path` atomically (the name is kept as given: no '.npz' appended)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+# ----------------------------------------------------------------------------- settings
+
+_UNSET = "(not set)"
+_SHOWN_CHANGES = 12  # a whole changed config is summarised, not printed in full
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys, so a change names the innermost setting."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def setting_changes(old: dict, new: dict) -> list[str]:
+    """'key: was X, now Y' for each (dotted) setting that differs, sorted by key."""
+    a, b = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        was, now = a.get(key, _UNSET), b.get(key, _UNSET)
+        if was != now or (key in a) != (key in b):
+            changes.append(f"{key}: was {was!r}, now {now!r}")
+    return changes
+
+
+def refuse_other_settings(old: dict, new: dict, *, what: str, fix: str, error=ValueError):
+    """Raises `error` when the saved settings `old` differ from `new` (as JSON reads them).
+
+    The message reads "<what> with other settings (<each change, old and new>). <fix>".
+    """
+    changes = setting_changes(old, as_json(new))
+    if not changes:
+        return
+    shown = "; ".join(changes[:_SHOWN_CHANGES])
+    if len(changes) > _SHOWN_CHANGES:
+        shown += f"; and {len(changes) - _SHOWN_CHANGES} more"
+    raise error(f"{what} with other settings ({shown}). {fix}")
+
+
+def check_or_record_settings(
+    path: str, settings: dict, *, what: str, fix: str, error=ValueError, write: bool = True
+) -> None:
+    """Refuses `settings` that differ from those recorded in the JSON file `path`; records
+    them there (atomically) when the file does not exist yet and `write` is set."""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        refuse_other_settings(old, settings, what=what, fix=fix, error=error)
+    elif write:
+        write_json(path, as_json(settings))
