@@ -86,7 +86,7 @@ def save_npz(path: str, **arrays) -> None:
 
 # ----------------------------------------------------------------------------- settings
 
-_UNSET = "(not set)"
+_UNSET = object()  # a setting one side does not have
 _SHOWN_CHANGES = 12  # a whole changed config is summarised, not printed in full
 
 
@@ -101,14 +101,18 @@ def _flatten(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _show(value) -> str:
+    return "(not set)" if value is _UNSET else repr(value)
+
+
 def setting_changes(old: dict, new: dict) -> list[str]:
     """'key: was X, now Y' for each (dotted) setting that differs, sorted by key."""
     a, b = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(a) | set(b)):
         was, now = a.get(key, _UNSET), b.get(key, _UNSET)
-        if was != now or (key in a) != (key in b):
-            changes.append(f"{key}: was {was!r}, now {now!r}")
+        if was is _UNSET or now is _UNSET or was != now:
+            changes.append(f"{key}: was {_show(was)}, now {_show(now)}")
     return changes
 
 
