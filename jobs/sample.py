@@ -318,9 +318,9 @@ def _assemble(config, workdir, parts, spec, resolved, classes, tokenizer) -> dic
     }
 
 
-def _write_npz(path: str, files: list[str], labels: np.ndarray) -> tuple[int, ...]:
+def _write_npz(path: str, part_files: list[str], labels: np.ndarray) -> tuple[int, ...]:
     """ADM npz from the part files without holding all images: arr_0 streamed into the zip."""
-    with np.load(files[0]) as z:
+    with np.load(part_files[0]) as z:
         shape = (len(labels), *z["images"].shape[1:])
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
     with (
@@ -329,7 +329,7 @@ def _write_npz(path: str, files: list[str], labels: np.ndarray) -> tuple[int, ..
     ):
         with archive.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, {**header, "shape": shape})
-            for part in files:
+            for part in part_files:
                 with np.load(part) as z:
                     f.write(np.ascontiguousarray(z["images"], np.uint8).tobytes())
         with archive.open("arr_1.npy", "w") as f:
