@@ -126,8 +126,8 @@ def main(argv):
     workdir = _WORKDIR.value
     if not workdir:
         raise app.UsageError("--workdir is required (except with --print_config)")
+    from visual_tokenizers.core import files
     from visual_tokenizers.core.runtime import mesh as mesh_lib
-    from visual_tokenizers.core.tokens import manifest
 
     mesh_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     os.makedirs(workdir, exist_ok=True)
@@ -146,7 +146,7 @@ def main(argv):
         workdir,
     )
     if jax.process_index() == 0:  # A rerun overwrites it: it describes the latest run.
-        manifest.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+        files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     result = job_module(config.job).run(config, workdir)
     if jax.process_index() == 0:
         print(json.dumps(result, default=float), flush=True)
