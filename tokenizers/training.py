@@ -20,6 +20,7 @@ only the decoder's output kernel of those is used, so XLA keeps only that last l
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,53 +118,110 @@ def make_train_step(
         raise ValueError("loss.perceptual_weight > 0 needs the LPIPS network (lpips_def)")
     if cfg.uses_discriminator and discriminator_optimizer is None:
         raise ValueError("loss.adversarial_weight > 0 needs a discriminator optimizer")
+    step = TokenizerStep(
+        model_def, optimizer, cfg, discriminator_optimizer, ema_decay, lpips_def, adaptive_path
+    )
+    return step.train_step
 
-    def pixel_terms(images, reconstructions, frozen):
+
+# eq=False: hashed by identity, so jit can key its cache on the bound `train_step`.
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenizerStep:
+    """The named parts of one tokenizer train step; `make_train_step` checks and builds it."""
+
+    model_def: ts.ModelDef
+    optimizer: optax.GradientTransformation
+    cfg: LossConfig
+    discriminator_optimizer: optax.GradientTransformation | None = None
+    ema_decay: float = 0.0
+    lpips_def: Any = None
+    adaptive_path: tuple[str, ...] | None = None
+
+    def train_step(self, state: ts.TrainState, batch, frozen=None):
+        """Generator update, EMA, then the discriminator on the same batch and reconstructions."""
+        images = to_model(batch["image"])
+        gan_on = state.step >= self.cfg.discriminator_start
+        new, fakes, logged = self.generator_update(state, images, frozen or {}, gan_on)
+        if self.ema_decay:
+            new = self.ema_update(new, state.ema_params)
+        if self.cfg.uses_discriminator:
+
+            def update():
+                return self.discriminator_update(state.discriminator, images, fakes, state.step)
+
+            def keep():  # Before discriminator_start: no update, zeros logged.
+                logged = jax.tree.map(jnp.zeros_like, jax.eval_shape(update)[1])
+                return state.discriminator, logged
+
+            disc, d_logged = jax.lax.cond(gan_on, update, keep)
+            new = new.replace(discriminator=disc)
+            logged.update(d_logged, **{"gan/active": gan_on.astype(jnp.float32)})
+        return new.replace(step=state.step + 1), logged
+
+    # ------------------------------------------------------------------ generator
+
+    def pixel_terms(self, images, reconstructions, frozen):
+        """(total, {name: weighted term}) of the L2 / L1 and perceptual (LPIPS) losses."""
+        cfg = self.cfg
         terms = losses.reconstruction_losses(
             images, reconstructions, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight
         )
         if cfg.perceptual_weight:
-            lpips = nnx.merge(lpips_def, frozen["lpips"])
+            lpips = nnx.merge(self.lpips_def, frozen["lpips"])
             terms["perceptual"] = cfg.perceptual_weight * jnp.mean(lpips(images, reconstructions))
         return sum(terms.values()), terms
 
-    def generator_update(state, images, frozen, gan_on):
+    def reconstruct(self, state: ts.TrainState, images):
+        """The tokenizer's forward pass, kept open for one pull-back: returns
+        ((reconstructions, quantizer total), pull_back, (quantizer terms, stats, model state))."""
+
         def forward(params):
-            model = model_def.merge(params, state.model_state)
+            model = self.model_def.merge(params, state.model_state)
             reconstructions, quantized = model(images, train=True)
             quantizer_total = sum(quantized.losses.values(), jnp.zeros((), jnp.float32))
             aux = (quantized.losses, quantized.stats, ts.model_state_of(model))
             return (reconstructions, quantizer_total), aux
 
-        (recon, quantizer_total), pull_back, aux = jax.vjp(forward, state.params, has_aux=True)
+        return jax.vjp(forward, state.params, has_aux=True)
+
+    def adversarial_cotangent(self, disc, recon, pixel_grad, pull_back, quantizer_total):
+        """(weighted gradient of the adversarial term w.r.t. `recon`, its weighted value, the
+        adaptive weight (1 when off)); the gradient is added to the pixel terms' cotangent."""
+        cfg = self.cfg
+
+        def adversarial(r):
+            logits, _ = _apply(self.model_def.discriminator, disc.params, disc.model_state, r)
+            return losses.generator_loss(logits, cfg.gan_loss)
+
+        gan_value, gan_grad = jax.value_and_grad(adversarial)(recon)
+        adaptive = jnp.ones((), jnp.float32)
+        if cfg.adaptive_weight:
+
+            def last_layer(g):  # XLA keeps only the output layer's part of this pull-back.
+                zero = jnp.zeros_like(quantizer_total)
+                return _at(pull_back((g, zero))[0], self.adaptive_path)
+
+            adaptive = losses.adaptive_generator_weight(
+                last_layer(pixel_grad), last_layer(gan_grad), max_weight=cfg.adaptive_weight_max
+            )
+        weight = cfg.adversarial_weight * adaptive
+        return weight * gan_grad, weight * gan_value, adaptive
+
+    def generator_update(self, state: ts.TrainState, images, frozen, gan_on):
+        """(state with the tokenizer updated, reconstructions without gradient, logged)."""
+        cfg = self.cfg
+        (recon, quantizer_total), pull_back, aux = self.reconstruct(state, images)
         quantizer_terms, stats, model_state = aux
-        (pixel_total, terms), pixel_grad = jax.value_and_grad(pixel_terms, 1, has_aux=True)(
+        (pixel_total, terms), pixel_grad = jax.value_and_grad(self.pixel_terms, 1, has_aux=True)(
             images, recon, frozen
         )
         cotangent, logged = pixel_grad, {}
         if cfg.uses_discriminator:
-            disc = state.discriminator
-
-            def adversarial(r):
-                logits, _ = _apply(model_def.discriminator, disc.params, disc.model_state, r)
-                return losses.generator_loss(logits, cfg.gan_loss)
 
             def active():
-                gan_value, gan_grad = jax.value_and_grad(adversarial)(recon)
-                adaptive = jnp.ones((), jnp.float32)
-                if cfg.adaptive_weight:
-
-                    def last_layer(g):
-                        zero = jnp.zeros_like(quantizer_total)
-                        return _at(pull_back((g, zero))[0], adaptive_path)
-
-                    adaptive = losses.adaptive_generator_weight(
-                        last_layer(pixel_grad),
-                        last_layer(gan_grad),
-                        max_weight=cfg.adaptive_weight_max,
-                    )
-                weight = cfg.adversarial_weight * adaptive
-                return weight * gan_grad, weight * gan_value, adaptive
+                return self.adversarial_cotangent(
+                    state.discriminator, recon, pixel_grad, pull_back, quantizer_total
+                )
 
             # Before discriminator_start the adversarial term is skipped, not just zeroed.
             gan_grad, terms["adversarial"], adaptive = jax.lax.cond(
@@ -172,8 +230,9 @@ def make_train_step(
             cotangent = pixel_grad + gan_grad
             if cfg.adaptive_weight:
                 logged["gan/adaptive_weight"] = adaptive
+        # The single pull-back of the combined cotangent through the tokenizer.
         (grads,) = pull_back((cotangent, jnp.ones_like(quantizer_total)))
-        params, opt_state = ts.apply_gradients(optimizer, state, grads)
+        params, opt_state = ts.apply_gradients(self.optimizer, state, grads)
         terms.update(quantizer_terms)
         logged.update({f"loss/{k}": v for k, v in terms.items()})
         logged.update({f"quantizer/{k}": v for k, v in stats.items()})
@@ -182,8 +241,16 @@ def make_train_step(
         state = state.replace(params=params, model_state=model_state, opt_state=opt_state)
         return state, jax.lax.stop_gradient(recon), logged
 
-    def discriminator_loss(d_params, disc, images, fakes, step):
-        d_def = model_def.discriminator
+    def ema_update(self, state: ts.TrainState, ema_params) -> ts.TrainState:
+        """ema = decay * ema + (1 - decay) * the just-updated params."""
+        ema = optax.incremental_update(state.params, ema_params, 1.0 - self.ema_decay)
+        return state.replace(ema_params=ema)
+
+    # ------------------------------------------------------------------ discriminator
+
+    def discriminator_loss(self, d_params, disc, images, fakes, step):
+        """(total, (weighted terms, D's model state, mean real / fake logits))."""
+        cfg, d_def = self.cfg, self.model_def.discriminator
         real, d_state = _apply(d_def, d_params, disc.model_state, images)
         fake, d_state = _apply(d_def, d_params, d_state, fakes)
         terms = {
@@ -195,23 +262,30 @@ def make_train_step(
                 real, fake, disc.lecam["real"], disc.lecam["fake"]
             )
         if cfg.r1_cost:
-
-            def r1():
-                # A fresh module per call: BatchNorm updates stay inside this branch.
-                return losses.r1_penalty(
-                    lambda x: _apply(d_def, d_params, disc.model_state, x)[0], images
-                )
-
-            due = step % cfg.r1_every == 0
-            penalty = jax.lax.cond(due, r1, lambda: jnp.zeros((), jnp.float32))
-            terms["r1"] = cfg.r1_cost * cfg.r1_every * penalty
+            terms["r1"] = self.lazy_r1(d_params, disc, images, step)
         means = {"real": jnp.mean(real), "fake": jnp.mean(fake)}
         return sum(terms.values()), (terms, d_state, means)
 
-    def discriminator_update(disc, images, fakes, step):
-        grad_fn = jax.value_and_grad(discriminator_loss, has_aux=True)
+    def lazy_r1(self, d_params, disc, images, step):
+        """The weighted R1 penalty every `r1_every` steps (scaled by it), else 0."""
+        cfg, d_def = self.cfg, self.model_def.discriminator
+
+        def r1():
+            # A fresh module per call: BatchNorm updates stay inside this branch.
+            return losses.r1_penalty(
+                lambda x: _apply(d_def, d_params, disc.model_state, x)[0], images
+            )
+
+        due = step % cfg.r1_every == 0
+        penalty = jax.lax.cond(due, r1, lambda: jnp.zeros((), jnp.float32))
+        return cfg.r1_cost * cfg.r1_every * penalty
+
+    def discriminator_update(self, disc, images, fakes, step):
+        """(DiscriminatorState after one optimizer step and the LeCam EMA move, logged)."""
+        cfg = self.cfg
+        grad_fn = jax.value_and_grad(self.discriminator_loss, has_aux=True)
         (_, (terms, d_state, means)), grads = grad_fn(disc.params, disc, images, fakes, step)
-        updates, opt_state = discriminator_optimizer.update(grads, disc.opt_state, disc.params)
+        updates, opt_state = self.discriminator_optimizer.update(grads, disc.opt_state, disc.params)
         params = optax.apply_updates(disc.params, updates)
         lecam = {
             k: cfg.lecam_decay * disc.lecam[k] + (1 - cfg.lecam_decay) * means[k] for k in means
@@ -220,26 +294,3 @@ def make_train_step(
         logged = {f"loss/{k}": v for k, v in terms.items()}
         logged.update({"gan/logits_real": means["real"], "gan/logits_fake": means["fake"]})
         return new, logged
-
-    def train_step(state: ts.TrainState, batch, frozen=None):
-        images = to_model(batch["image"])
-        gan_on = state.step >= cfg.discriminator_start
-        new, fakes, logged = generator_update(state, images, frozen or {}, gan_on)
-        if ema_decay:
-            ema = optax.incremental_update(new.params, state.ema_params, 1.0 - ema_decay)
-            new = new.replace(ema_params=ema)
-        if cfg.uses_discriminator:
-
-            def update():
-                return discriminator_update(state.discriminator, images, fakes, state.step)
-
-            def keep():  # Before discriminator_start: no update, zeros logged.
-                logged = jax.tree.map(jnp.zeros_like, jax.eval_shape(update)[1])
-                return state.discriminator, logged
-
-            disc, d_logged = jax.lax.cond(gan_on, update, keep)
-            new = new.replace(discriminator=disc)
-            logged.update(d_logged, **{"gan/active": gan_on.astype(jnp.float32)})
-        return new.replace(step=state.step + 1), logged
-
-    return train_step
