@@ -138,42 +138,10 @@ def build_dual_tokenizer(
     Both encoders output latent_dim per token; 1-D latents: the same num_latents everywhere.
     architectures: name -> (encoder class, decoder class) for the pixel branch.
     """
-    encoder, decoder, quantizer = dict(encoder), dict(decoder), dict(quantizer)
-    _require(encoder, ("pixel", "semantic"), "model.encoder")
-    _require(decoder, ("pixel", "semantic"), "model.decoder")
-    if quantizer.pop("name", "dual") != "dual":
-        raise ValueError("model.architecture='dual' needs quantizer.name='dual'")
-    pix_enc, sem_enc = dict(encoder.pop("pixel")), dict(encoder.pop("semantic"))
-    pix_dec, sem_dec = dict(decoder.pop("pixel")), dict(decoder.pop("semantic"))
-    options = dict(
-        semantic_cosine_weight=decoder.pop("semantic_cosine_weight", 1.0),
-        semantic_mse_weight=decoder.pop("semantic_mse_weight", 0.0),
-        pixel_decoder_input=decoder.pop("pixel_input", "pixel"),
+    pix_enc, sem_enc, pix_dec, sem_dec, quantizer, options = _branch_kwargs(
+        encoder, decoder, quantizer
     )
-    for name, rest in (("model.encoder", encoder), ("model.decoder", decoder)):
-        if rest:
-            raise ValueError(
-                f"{name} has unknown keys {sorted(rest)} for model.architecture='dual'"
-            )
-    latents = {
-        "model.encoder.pixel": pix_enc.get("num_latents", 0),
-        "model.encoder.semantic": sem_enc.get("num_latents", 0),
-        "model.decoder.pixel": pix_dec.get("num_latents", 0),
-    }
-    if len(set(latents.values())) != 1:
-        raise ValueError(f"num_latents must agree across {latents} (0 for a 2-D grid)")
-    num_latents = latents["model.encoder.pixel"]
-    pix_arch = pix_enc.pop("architecture", "vit")
-    if pix_dec.pop("architecture", pix_arch) != pix_arch or pix_arch not in architectures:
-        raise ValueError(
-            f"model.encoder.pixel.architecture={pix_arch!r} must be one of "
-            f"{sorted(architectures)} and the same for model.decoder.pixel"
-        )
-    if pix_arch == "vit" and pix_enc["patch_size"] != sem_enc["patch_size"] and not num_latents:
-        raise ValueError(
-            f"pixel patch_size {pix_enc['patch_size']} != semantic patch_size "
-            f"{sem_enc['patch_size']}: both encoders must give the same token grid"
-        )
+    num_latents, pix_arch = _pixel_branch_layout(pix_enc, sem_enc, pix_dec, architectures)
     encoder_cls, decoder_cls = architectures[pix_arch]
     rngs = nnx.Rngs(params=seed)
     common = dict(image_size=image_size, dtype=dtype, rngs=rngs)
@@ -199,6 +167,54 @@ def build_dual_tokenizer(
         teacher=Teacher(**{k: sem_enc[k] for k in _TRUNK_KEYS}, **common),
         **options,
     )
+
+
+def _branch_kwargs(encoder: dict, decoder: dict, quantizer: dict):
+    """Splits the config dicts into (pixel encoder, semantic encoder, pixel decoder, semantic
+    decoder, quantizer kwargs, DualTokenizer options); unknown or missing keys raise."""
+    encoder, decoder, quantizer = dict(encoder), dict(decoder), dict(quantizer)
+    _require(encoder, ("pixel", "semantic"), "model.encoder")
+    _require(decoder, ("pixel", "semantic"), "model.decoder")
+    if quantizer.pop("name", "dual") != "dual":
+        raise ValueError("model.architecture='dual' needs quantizer.name='dual'")
+    pix_enc, sem_enc = dict(encoder.pop("pixel")), dict(encoder.pop("semantic"))
+    pix_dec, sem_dec = dict(decoder.pop("pixel")), dict(decoder.pop("semantic"))
+    options = dict(
+        semantic_cosine_weight=decoder.pop("semantic_cosine_weight", 1.0),
+        semantic_mse_weight=decoder.pop("semantic_mse_weight", 0.0),
+        pixel_decoder_input=decoder.pop("pixel_input", "pixel"),
+    )
+    for name, rest in (("model.encoder", encoder), ("model.decoder", decoder)):
+        if rest:
+            raise ValueError(
+                f"{name} has unknown keys {sorted(rest)} for model.architecture='dual'"
+            )
+    return pix_enc, sem_enc, pix_dec, sem_dec, quantizer, options
+
+
+def _pixel_branch_layout(pix_enc: dict, sem_enc: dict, pix_dec: dict, architectures: dict):
+    """(num_latents, pixel architecture name), checked against the semantic branch; takes
+    'architecture' out of the pixel encoder / decoder kwargs."""
+    latents = {
+        "model.encoder.pixel": pix_enc.get("num_latents", 0),
+        "model.encoder.semantic": sem_enc.get("num_latents", 0),
+        "model.decoder.pixel": pix_dec.get("num_latents", 0),
+    }
+    if len(set(latents.values())) != 1:
+        raise ValueError(f"num_latents must agree across {latents} (0 for a 2-D grid)")
+    num_latents = latents["model.encoder.pixel"]
+    pix_arch = pix_enc.pop("architecture", "vit")
+    if pix_dec.pop("architecture", pix_arch) != pix_arch or pix_arch not in architectures:
+        raise ValueError(
+            f"model.encoder.pixel.architecture={pix_arch!r} must be one of "
+            f"{sorted(architectures)} and the same for model.decoder.pixel"
+        )
+    if pix_arch == "vit" and pix_enc["patch_size"] != sem_enc["patch_size"] and not num_latents:
+        raise ValueError(
+            f"pixel patch_size {pix_enc['patch_size']} != semantic patch_size "
+            f"{sem_enc['patch_size']}: both encoders must give the same token grid"
+        )
+    return num_latents, pix_arch
 
 
 def _require(d: dict, keys: tuple, name: str):
