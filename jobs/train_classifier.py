@@ -18,9 +18,10 @@ from jax.experimental import multihost_utils
 
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.evaluation import metrics
-from visual_tokenizers.core.runtime import checkpoint, loop, optim
+from visual_tokenizers.core.runtime import checkpoint, optim
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.core.runtime.job import TrainingJob
 from visual_tokenizers.models.classifier import ShapesClassifier
 
 
@@ -127,51 +128,38 @@ def test_accuracy(config, model: ShapesClassifier, mesh) -> float:
 
 
 def run(config, workdir: str) -> dict:
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    mesh_lib.check_batch_sizes(
-        mesh,
+    job = TrainingJob.start(
+        config,
+        workdir,
         {
             "data.batch_size": config.data.batch_size,
             "eval.batch_size": config.eval.batch_size,
         },
     )
     model_fn, optimizer = model_fn_from_config(config), optimizer_from_config(config)
-    ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-    model_def, state, shardings = ts.restore_or_init(
-        model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
+    model_def, state, shardings = job.restore_or_init(model_fn, optimizer)
+    batch_sh = {
+        "image": mesh_lib.batch_sharding(job.mesh, 4),
+        "label": mesh_lib.batch_sharding(job.mesh),
+    }
+    train_step = job.compile(
+        make_train_step(model_def, optimizer, augment_from_config(config)), shardings, batch_sh
     )
-    batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4), "label": mesh_lib.batch_sharding(mesh)}
-    train_step = ts.compile_train_step(
-        make_train_step(model_def, optimizer, augment_from_config(config)),
-        shardings,
-        batch_sh,
-        mesh,
+
+    def finish(s):
+        model = model_def.merge(s.params, s.model_state)
+        return {"test_accuracy": test_accuracy(config, model, job.mesh)}
+
+    outcome = job.train(
+        state,
+        train_step,
+        data.training_batches(config, start_step=int(state.step)),
+        finish=finish,
     )
-    batches = data.training_batches(config, start_step=int(state.step))
-    writer = loop.MetricWriter(workdir)
-    try:
-        state, train_metrics, stopped = loop.train(
-            state=state,
-            step_fn=train_step,
-            batches=batches,
-            mesh=mesh,
-            writer=writer,
-            ckpt_manager=ckpt,
-            **loop.cadence(config),
-        )
-        result = {"step": int(state.step), **train_metrics}
-        if not stopped:
-            model = model_def.merge(state.params, state.model_state)
-            result["test_accuracy"] = test_accuracy(config, model, mesh)
-            writer.write(
-                int(state.step), {"test_accuracy": result["test_accuracy"]}, prefix="final/"
-            )
-            logging.info("shapes classifier: test accuracy %.4f", result["test_accuracy"])
-    finally:
-        batches.close()
-        writer.close()
-        ckpt.close()
+    result = {"step": int(outcome.state.step), **outcome.metrics}
+    if not outcome.stopped_early:
+        result["test_accuracy"] = outcome.final["test_accuracy"]
+        logging.info("shapes classifier: test accuracy %.4f", result["test_accuracy"])
     return result
 
 

@@ -28,9 +28,10 @@ from flax import nnx
 
 from visual_tokenizers.core import trained_tokenizer as tt
 from visual_tokenizers.core.data import pipeline as data
-from visual_tokenizers.core.runtime import checkpoint, loop, optim
+from visual_tokenizers.core.runtime import checkpoint, optim
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.core.runtime.job import TrainingJob
 from visual_tokenizers.core.tokens import batches as tb
 from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.models.maskgit import MaskGIT
@@ -279,19 +280,18 @@ def resolved_config(config, tokens: Tokens) -> ml_collections.ConfigDict:
 
 
 def run(config, workdir: str) -> dict:
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    mesh_lib.check_batch_sizes(mesh, {"data.batch_size": config.data.batch_size})
+    job = TrainingJob.start(
+        config, workdir, {"data.batch_size": config.data.batch_size}
+    )
+    mesh = job.mesh
     tokens = resolve(config, mesh)
     _check_resume(workdir, tokens.resolved)
     config = resolved_config(config, tokens)
+    job = dataclasses.replace(job, config=config)  # checkpoints record the resolved tokens
     r = tokens.resolved
     model_fn = model_fn_from_config(config)
     optimizer, lr_fn = optimizer_from_config(config)
-    ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-    model_def, state, shardings = ts.restore_or_init(
-        model_fn, optimizer, mesh, rules, ckpt_manager=ckpt, init_from=config.init_from
-    )
+    model_def, state, shardings = job.restore_or_init(model_fn, optimizer)
     count = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
         "maskgit: %.2fM parameters; tokens %s: %d examples, grid %s, vocab %d, %d classes",
@@ -309,38 +309,29 @@ def run(config, workdir: str) -> dict:
         "tokens": mesh_lib.batch_sharding(mesh, 1 + len(tokens.index_shape)),
         "label": mesh_lib.batch_sharding(mesh, 1),
     }
-    train_step = ts.compile_train_step(step_fn, shardings, batch_sh, mesh)
+    train_step = job.compile(step_fn, shardings, batch_sh)
     step_with_tokens = _with_encoding(train_step, tokens, mesh, config)
-    sampler = None
+    sampler, sample_last = None, None
     if config.sample.every > 0:
         from visual_tokenizers.jobs import (
             sample as sample_job,  # Lazy: sampling pulls in the decoder.
         )
 
         sampler = sample_job.GridSampler.create(config, model_def, tokens.tokenizer, mesh, workdir)
-    batches = host_batches(config, tokens, int(state.step))
-    writer = loop.MetricWriter(workdir)
-    try:
-        state, train_metrics, stopped = loop.train(
-            state=state,
-            step_fn=step_with_tokens,
-            batches=batches,
-            mesh=mesh,
-            writer=writer,
-            ckpt_manager=ckpt,
-            **loop.cadence(config),
-            eval_every=config.sample.every,
-            evaluate=(lambda s, step: sampler(s, step)) if sampler else None,
-        )
-        if sampler is not None and not stopped:
-            sampler(state, int(state.step))
-    finally:
-        if hasattr(batches, "close"):
-            batches.close()
-        writer.close()
-        ckpt.close()
-    result = {"step": int(state.step), **train_metrics}
-    if stopped:
+
+        def sample_last(s):  # the last grid; its timing is not a final metric
+            sampler(s, int(s.step))
+
+    outcome = job.train(
+        state,
+        step_with_tokens,
+        host_batches(config, tokens, int(state.step)),
+        eval_every=config.sample.every,
+        evaluate=sampler,
+        finish=sample_last,
+    )
+    result = {"step": int(outcome.state.step), **outcome.metrics}
+    if outcome.stopped_early:
         result["stopped_early"] = True
     return result
 

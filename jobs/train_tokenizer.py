@@ -22,9 +22,10 @@ from jax.experimental import multihost_utils
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.data.images import save_grid, to_model
 from visual_tokenizers.core.evaluation import metrics
-from visual_tokenizers.core.runtime import checkpoint, loop, optim
+from visual_tokenizers.core.runtime import checkpoint, optim
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
+from visual_tokenizers.core.runtime.job import TrainingJob
 from visual_tokenizers.models.discriminator import DISCRIMINATORS, build_discriminator
 from visual_tokenizers.tokenizers import training
 from visual_tokenizers.tokenizers.tokenizer import DTYPES, build_tokenizer
@@ -202,34 +203,30 @@ def _to_global(host_batch, mesh):
 
 
 def run(config, workdir: str) -> dict:
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    mesh_lib.check_batch_sizes(
-        mesh,
+    job = TrainingJob.start(
+        config,
+        workdir,
         {
             "data.batch_size": config.data.batch_size,
             "eval.batch_size": config.eval.batch_size,
         },
     )
+    mesh = job.mesh
     model_fn = model_fn_from_config(config)
     optimizer = optimizer_from_config(config)
-    ckpt = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     disc = discriminator_from_config(config)
-    fresh = ckpt.latest_step() is None and not config.init_from
-    model_def, state, shardings = ts.restore_or_init(
-        model_fn,
-        optimizer,
-        mesh,
-        rules,
-        ckpt_manager=ckpt,
-        init_from=config.init_from,
-        ema=config.ema_decay > 0,
-        discriminator=disc,
-    )
-    if fresh and "teacher" in config:  # dual tokenizer: load the frozen teacher once
+    load_teacher = None
+    if "teacher" in config:  # dual tokenizer: load the frozen teacher once
         from visual_tokenizers.models import teacher
 
-        state = teacher.init_train_state(state, config.teacher)
+        load_teacher = functools.partial(teacher.init_train_state, teacher_cfg=config.teacher)
+    model_def, state, shardings = job.restore_or_init(
+        model_fn,
+        optimizer,
+        ema=config.ema_decay > 0,
+        discriminator=disc,
+        on_fresh_init=load_teacher,
+    )
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}
     train_step, frozen = compile_step(config, model_fn, model_def, optimizer, disc, shardings, mesh)
     eval_step = jax.jit(
@@ -245,28 +242,18 @@ def run(config, workdir: str) -> dict:
         workdir=workdir,
         vocab=nnx.eval_shape(model_fn).vocab,
     )
-    batches = data.training_batches(config, start_step=int(state.step))
-    writer = loop.MetricWriter(workdir)
-    try:
-        state, train_metrics, stopped = loop.train(
-            state=state,
-            step_fn=lambda s, b: train_step(s, {"image": b["image"]}, frozen),
-            batches=batches,
-            mesh=mesh,
-            writer=writer,
-            ckpt_manager=ckpt,
-            **loop.cadence(config),
-            eval_every=config.eval_every,
-            evaluate=lambda s, step: eval_fn(state=s, step=step),
-        )
-        if stopped:
-            return {"step": int(state.step), "stopped_early": True, **train_metrics}
-        final = eval_fn(state=state, step=int(state.step))
-        writer.write(int(state.step), final, prefix="final/")
-    finally:
-        writer.close()
-        ckpt.close()
-    return {"step": int(state.step), **train_metrics, **{f"eval/{k}": v for k, v in final.items()}}
+    outcome = job.train(
+        state,
+        lambda s, b: train_step(s, {"image": b["image"]}, frozen),
+        data.training_batches(config, start_step=int(state.step)),
+        eval_every=config.eval_every,
+        evaluate=lambda s, step: eval_fn(state=s, step=step),
+        finish=lambda s: eval_fn(state=s, step=int(s.step)),
+    )
+    step = int(outcome.state.step)
+    if outcome.stopped_early:
+        return {"step": step, "stopped_early": True, **outcome.metrics}
+    return {"step": step, **outcome.metrics, **{f"eval/{k}": v for k, v in outcome.final.items()}}
 
 
 @dataclasses.dataclass
