@@ -1,15 +1,17 @@
 """The tokenizer train step: pixel, perceptual, quantizer and adversarial losses, generator EMA
 and the discriminator update, all in one jitted call.
 
-In order, one step
+In order, one step (`TokenizerStep.train_step`)
 1. updates the tokenizer (the generator) on pixel + perceptual (LPIPS) + quantizer terms, plus
    the adversarial term from `discriminator_start` on (optionally with taming-transformers'
-   adaptive weight);
-2. moves its EMA: ema = decay * ema + (1 - decay) * params (when the state keeps one);
-3. updates the discriminator on the same batch: real images against the reconstructions of
-   step 1 (non-saturating or hinge), plus LeCam and a lazy R1 penalty every `r1_every` steps
-   (scaled by `r1_every`, as StyleGAN2's lazy regularisation). Before `discriminator_start`
-   the discriminator, its optimizer and the LeCam EMAs stay as they are.
+   adaptive weight): `generator_update`, with `pixel_terms` and `adversarial_cotangent`;
+2. moves its EMA: ema = decay * ema + (1 - decay) * params (when the state keeps one):
+   `ema_update`;
+3. updates the discriminator on the same batch (`discriminator_update`): real images against
+   the reconstructions of step 1 (non-saturating or hinge), plus LeCam and a lazy R1 penalty
+   every `r1_every` steps (scaled by `r1_every`, as StyleGAN2's lazy regularisation: `lazy_r1`).
+   Before `discriminator_start` the discriminator, its optimizer and the LeCam EMAs stay as
+   they are.
 
 The generator's backward pass is a single vjp: the gradients of the pixel/perceptual terms and
 of the adversarial term with respect to the reconstruction are combined, then pulled back
