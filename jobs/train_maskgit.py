@@ -280,9 +280,7 @@ def resolved_config(config, tokens: Tokens) -> ml_collections.ConfigDict:
 
 
 def run(config, workdir: str) -> dict:
-    job = TrainingJob.start(
-        config, workdir, {"data.batch_size": config.data.batch_size}
-    )
+    job = TrainingJob.start(config, workdir, {"data.batch_size": config.data.batch_size})
     mesh = job.mesh
     tokens = resolve(config, mesh)
     _check_resume(workdir, tokens.resolved)

@@ -3,7 +3,7 @@ resume or init, compile, the shared loop with its metric writer, then closing it
 
 A job reads as
 
-    job = TrainingJob.start(config, workdir, {"data.global_batch_size": ...})
+    job = TrainingJob.start(config, workdir, {"data.batch_size": ...})
     model_def, state, shardings = job.restore_or_init(model_fn, optimizer)
     train_step = job.compile(step_fn, shardings, batch_shardings)
     outcome = job.train(state, train_step, batches, finish=final_evaluation)
