@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -116,6 +117,15 @@ def parse_flags(argv):
         raise SystemExit(override_error(argv, err)) from None
 
 
+def run_job(config, workdir: str) -> dict:
+    """Runs the job named by config.job. A job whose run() takes `run_job` (the demo, which runs
+    other jobs as stages) gets this dispatcher: jobs never import jobs."""
+    run = job_module(config.job).run
+    if "run_job" in inspect.signature(run).parameters:
+        return run(config, workdir, run_job=run_job)
+    return run(config, workdir)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -147,7 +157,7 @@ def main(argv):
     )
     if jax.process_index() == 0:  # A rerun overwrites it: it describes the latest run.
         files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    result = job_module(config.job).run(config, workdir)
+    result = run_job(config, workdir)
     if jax.process_index() == 0:
         print(json.dumps(result, default=float), flush=True)
 

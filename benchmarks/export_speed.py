@@ -38,10 +38,11 @@ import jax  # noqa: E402
 
 from visual_tokenizers.configs import export_tokens as export_config  # noqa: E402
 from visual_tokenizers.configs import vq_b16  # noqa: E402
-from visual_tokenizers.core import trained_tokenizer as tt  # noqa: E402
 from visual_tokenizers.core.data import pipeline as data  # noqa: E402
 from visual_tokenizers.core.runtime import mesh as mesh_lib  # noqa: E402
-from visual_tokenizers.jobs import export_tokens, train_tokenizer  # noqa: E402
+from visual_tokenizers.jobs import export_tokens  # noqa: E402
+from visual_tokenizers.trained import builders  # noqa: E402
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer  # noqa: E402
 
 SIZES = {
     # configs/vq_b16.py:tiny as it is: 32x32 images, 8x8 tokens, 256 codes.
@@ -61,15 +62,15 @@ def tokenizer_checkpoint(size: str, workdir: str) -> None:
     """Writes a step-0 checkpoint of the chosen tokenizer, as a training run would."""
     config = vq_b16.get_config("tiny")
     config.update_from_flattened_dict(SIZES[size])
-    train_tokenizer.save_untrained(config, workdir)
+    builders.save_untrained(config, workdir)
 
 
 def bare_encode(tok_dir: str, num_images: int, batch_size: int, repeats: int) -> float:
     """Images/s of the jitted encode alone, on device-resident batches of the same images."""
     mesh = mesh_lib.make_mesh({"data": -1})
-    tok = tt.restore(tok_dir, mesh)
+    tok = TrainedTokenizer.from_workdir(tok_dir, mesh=mesh)
     size = tok.config.data.image_size
-    encode, _ = tt.compile_encode(tok, mesh, batch_size, size)
+    encode, _ = tok.compile_encode(batch_size, size)
     iterator = data.batches(
         "builtin:shapes", split="test", image_size=size, global_batch_size=batch_size,
         train=False, seed=0,

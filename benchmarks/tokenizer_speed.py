@@ -2,7 +2,7 @@
 
 Peer: `maskgit.nets.vqgan_tokenizer.VQVAE` with `vqgan_config` (PyPI `maskgit==0.0.1.dev0`,
 flax.linen), `encode_to_indices` / `decode_from_indices` under `jax.jit`. Ours: the Tokenizer
-that train_tokenizer builds from configs/vqgan_f16.py, `encode` / `decode` jitted as pure
+that trained/builders.py builds from configs/vqgan_f16.py, `encode` / `decode` jitted as pure
 functions over its `nnx.split` state. Both at 256x256 (16x16 tokens, 1024 x 256 codebook),
 float32 (the official model's dtype; `--dtype=bfloat16` runs ours in bfloat16 for reference),
 random weights: the official tree is filled with random values and copied into ours through the
@@ -41,8 +41,8 @@ from maskgit.configs import vqgan_config  # noqa: E402
 from maskgit.nets import vqgan_tokenizer  # noqa: E402
 
 from visual_tokenizers.configs import vqgan_f16  # noqa: E402
-from visual_tokenizers.jobs import train_tokenizer  # noqa: E402
 from visual_tokenizers.models.conv import load_maskgit_params  # noqa: E402
+from visual_tokenizers.trained import builders  # noqa: E402
 
 PEER_NAME = "official MaskGIT VQGAN (maskgit==0.0.1.dev0, flax.linen, jax.jit)"
 SIZE = 256
@@ -80,7 +80,7 @@ def build_peer():
 def build_ours(peer_params, dtype):
     config = vqgan_f16.get_config()
     config.model.dtype = dtype
-    tokenizer = nnx.eval_shape(train_tokenizer.model_fn_from_config(config))
+    tokenizer = nnx.eval_shape(builders.model_fn_from_config(config))
     load_maskgit_params(tokenizer.encoder, peer_params["encoder"])
     load_maskgit_params(tokenizer.decoder, peer_params["decoder"])
     state = nnx.state(tokenizer)

@@ -2,7 +2,8 @@
 
   python run.py --config=configs/demo.py --workdir=runs/demo
 
-Stages (each the sub-job's run() with its sub-config from configs/demo.py, in WORKDIR/<dir>):
+Stages (each a sub-job run through run.py's dispatcher with its sub-config from
+configs/demo.py, in WORKDIR/<dir>):
   tokenizer   jobs/train_tokenizer.py          tokenizer/  (PSNR, reconstruction grid)
   tokens      jobs/export_tokens.py            tokens/     (Parquet shards, stats.json)
   maskgit     jobs/train_maskgit.py            maskgit/    (class-conditional, on the export)
@@ -73,76 +74,30 @@ def _copy(config) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config.to_dict())
 
 
-def run(config, workdir: str) -> dict:
-    from visual_tokenizers.jobs import (
-        evaluate,
-        export_tokens,
-        sample,
-        train_classifier,
-        train_maskgit,
-        train_tokenizer,
-    )
+STAGE_DIRS = (
+    "tokenizer",
+    "tokens",
+    "maskgit",
+    "samples",
+    "shapes_classifier",
+    "eval",
+    "eval_tokenizer",
+)
 
-    os.makedirs(workdir, exist_ok=True)
-    where = {
-        k: os.path.join(os.path.abspath(workdir), k)
-        for k in (
-            "tokenizer",
-            "tokens",
-            "maskgit",
-            "samples",
-            "shapes_classifier",
-            "eval",
-            "eval_tokenizer",
+
+def run(config, workdir: str, run_job=None) -> dict:
+    """run_job(stage_config, stage_workdir) -> dict runs one stage's job: run.py passes its
+    dispatcher (jobs never import jobs)."""
+    if run_job is None:
+        raise ValueError(
+            "the demo runs other jobs through run_job(config, workdir): call it through run.py "
+            "(python run.py --config=configs/demo.py ...) or pass visual_tokenizers.run.run_job"
         )
-    }
+    os.makedirs(workdir, exist_ok=True)
+    where = {k: os.path.join(os.path.abspath(workdir), k) for k in STAGE_DIRS}
     stages = Stages(workdir)
-
-    tok_cfg = _copy(config.tokenizer)
-    stages.run(
-        "tokenizer", tok_cfg.to_dict(), lambda: train_tokenizer.run(tok_cfg, where["tokenizer"])
-    )
-
-    export_cfg = _copy(config.export)
-    export_cfg.tokenizer.workdir = where["tokenizer"]
-    stages.run(
-        "tokens", export_cfg.to_dict(), lambda: export_tokens.run(export_cfg, where["tokens"])
-    )
-
-    mg_cfg = _copy(config.maskgit)
-    mg_cfg.tokens.export_dir = where["tokens"]
-    mg_cfg.tokenizer.workdir = ""
-    maskgit = stages.run(
-        "maskgit", mg_cfg.to_dict(), lambda: train_maskgit.run(mg_cfg, where["maskgit"])
-    )
-
-    sample_cfg = _copy(config.sample)
-    sample_cfg.maskgit.workdir = where["maskgit"]
-    stages.run("samples", sample_cfg.to_dict(), lambda: sample.run(sample_cfg, where["samples"]))
-
-    cls_cfg = _copy(config.classifier)
-    stages.run(
-        "classifier",
-        cls_cfg.to_dict(),
-        lambda: _classifier(train_classifier, cls_cfg, where["shapes_classifier"]),
-    )
-
-    eval_cfg = _copy(config.evaluate)
-    eval_cfg.shapes.classifier_workdir = where["shapes_classifier"]
-    samples_eval = _copy(eval_cfg)
-    samples_eval.update(mode="samples", metrics=("shapes",))
-    samples_eval.samples.path = os.path.join(where["samples"], "samples.npz")
-    recon_eval = _copy(eval_cfg)
-    recon_eval.tokenizer.workdir = where["tokenizer"]
-    settings = {"samples": samples_eval.to_dict(), "reconstructions": recon_eval.to_dict()}
-    scores = stages.run(
-        "evaluate",
-        settings,
-        lambda: {
-            "samples": evaluate.run(samples_eval, where["eval"]),
-            "reconstructions": evaluate.run(recon_eval, where["eval_tokenizer"]),
-        },
-    )
+    maskgit = _training_stages(config, where, stages, run_job)
+    scores = _evaluation_stage(config, where, stages, run_job)
     path = write_report(workdir, where, stages, config)
     recon, gen = scores["reconstructions"], scores["samples"]
     return {
@@ -156,7 +111,54 @@ def run(config, workdir: str) -> dict:
     }
 
 
-def _classifier(train_classifier, config, workdir: str) -> dict:
+def _training_stages(config, where: dict, stages: Stages, run_job) -> dict:
+    """Tokenizer, token export, MaskGIT, samples and classifier; returns the MaskGIT's result."""
+    tok_cfg = _copy(config.tokenizer)
+    stages.run("tokenizer", tok_cfg.to_dict(), lambda: run_job(tok_cfg, where["tokenizer"]))
+
+    export_cfg = _copy(config.export)
+    export_cfg.tokenizer.workdir = where["tokenizer"]
+    stages.run("tokens", export_cfg.to_dict(), lambda: run_job(export_cfg, where["tokens"]))
+
+    mg_cfg = _copy(config.maskgit)
+    mg_cfg.tokens.export_dir = where["tokens"]
+    mg_cfg.tokenizer.workdir = ""
+    maskgit = stages.run("maskgit", mg_cfg.to_dict(), lambda: run_job(mg_cfg, where["maskgit"]))
+
+    sample_cfg = _copy(config.sample)
+    sample_cfg.maskgit.workdir = where["maskgit"]
+    stages.run("samples", sample_cfg.to_dict(), lambda: run_job(sample_cfg, where["samples"]))
+
+    cls_cfg = _copy(config.classifier)
+    stages.run(
+        "classifier",
+        cls_cfg.to_dict(),
+        lambda: _classifier(run_job, cls_cfg, where["shapes_classifier"]),
+    )
+    return maskgit
+
+
+def _evaluation_stage(config, where: dict, stages: Stages, run_job) -> dict:
+    """The evaluate job on the samples and on the tokenizer's reconstructions (the ceiling)."""
+    eval_cfg = _copy(config.evaluate)
+    eval_cfg.shapes.classifier_workdir = where["shapes_classifier"]
+    samples_eval = _copy(eval_cfg)
+    samples_eval.update(mode="samples", metrics=("shapes",))
+    samples_eval.samples.path = os.path.join(where["samples"], "samples.npz")
+    recon_eval = _copy(eval_cfg)
+    recon_eval.tokenizer.workdir = where["tokenizer"]
+    settings = {"samples": samples_eval.to_dict(), "reconstructions": recon_eval.to_dict()}
+    return stages.run(
+        "evaluate",
+        settings,
+        lambda: {
+            "samples": run_job(samples_eval, where["eval"]),
+            "reconstructions": run_job(recon_eval, where["eval_tokenizer"]),
+        },
+    )
+
+
+def _classifier(run_job, config, workdir: str) -> dict:
     """Trains the shapes classifier once (cached in its workdir) and reports its accuracy."""
     cached = True
     try:
@@ -165,7 +167,7 @@ def _classifier(train_classifier, config, workdir: str) -> dict:
     except checkpoint.CheckpointError:
         cached = False
     if not cached:
-        return train_classifier.run(config, workdir)
+        return run_job(config, workdir)
     return {"step": step, "cached": True}
 
 
@@ -196,13 +198,23 @@ def _per_class(samples_json: dict) -> str:
 
 def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
     done = stages.done
-    tok, exp = done["tokenizer"]["result"], done["tokens"]["result"]
-    mg, smp = done["maskgit"]["result"], done["samples"]["result"]
     scores = done["evaluate"]["result"]
-    cls_acc = done["classifier"]["result"].get("test_accuracy", "cached")
-    gen, recon = scores["samples"], scores["reconstructions"]
     stats = json.load(open(os.path.join(where["tokens"], "stats.json")))
     samples_json = json.load(open(os.path.join(where["samples"], "samples.json")))
+    lines = _intro(workdir, stages, config)
+    lines += _tokenizer_section(workdir, where, done["tokenizer"]["result"], scores, config)
+    lines += _tokens_section(workdir, where, done["tokens"]["result"], stats)
+    lines += _generator_sections(workdir, done, samples_json, config)
+    lines += _metrics_section(done, scores, samples_json, config)
+    path = os.path.join(workdir, REPORT)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    logging.info("demo: report %s", path)
+    return path
+
+
+def _intro(workdir: str, stages: Stages, config) -> list[str]:
+    done = stages.done
     lines = ["# Demo report", ""]
     lines += [
         "Everything below ran on this machine from built-in data "
@@ -221,10 +233,14 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
         lines.append(f"| {name} | {record['seconds']:.1f} | {note} |")
     total = sum(r["seconds"] for r in done.values())
     lines += [f"| **total** | **{total:.1f}** | |", ""]
+    return lines
 
+
+def _tokenizer_section(workdir: str, where: dict, tok: dict, scores: dict, config) -> list[str]:
+    recon = scores["reconstructions"]
     recon_png = _latest(os.path.join(where["tokenizer"], "images"), "reconstructions_")
     tc = config.tokenizer
-    lines += [
+    lines = [
         "## Tokenizer",
         "",
         f"`configs/vq_b16.py:tiny` settings on `{tc.data.source}`: {tc.num_steps} steps of batch "
@@ -246,7 +262,11 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
             f"Originals over reconstructions: ![reconstructions]({_rel(workdir, recon_png)})",
             "",
         ]
-    lines += [
+    return lines
+
+
+def _tokens_section(workdir: str, where: dict, exp: dict, stats: dict) -> list[str]:
+    lines = [
         "## Tokens",
         "",
         f"{exp.get('rows')} training images exported to `{_rel(workdir, where['tokens'])}` "
@@ -265,8 +285,13 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
         f"Rank-frequency: ![rank frequency]({_rel(workdir, where['tokens'])}/rank_frequency.png)",
         "",
     ]
+    return lines
+
+
+def _generator_sections(workdir: str, done: dict, samples_json: dict, config) -> list[str]:
+    mg, smp = done["maskgit"]["result"], done["samples"]["result"]
     mc = config.maskgit
-    lines += [
+    lines = [
         "## MaskGIT",
         "",
         f"width {mc.model.width}, depth {mc.model.depth}, heads {mc.model.heads}, MLP "
@@ -289,7 +314,14 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
     for c, png in samples_json.get("class_grids", {}).items():
         label = names[int(c)] if int(c) < len(names) else c
         lines.append(f"- class {c} ({label}): ![{label}]({_rel(workdir, png)})")
-    lines += [
+    return lines
+
+
+def _metrics_section(done: dict, scores: dict, samples_json: dict, config) -> list:
+    cls_acc = done["classifier"]["result"].get("test_accuracy", "cached")
+    gen, recon = scores["samples"], scores["reconstructions"]
+    names = samples_json.get("class_names") or []
+    lines = [
         "",
         "## Sample metrics",
         "",
@@ -308,8 +340,4 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
         f"ceiling. Shapes classifier: {_fmt(cls_acc)} test accuracy on real images.",
         "",
     ]
-    path = os.path.join(workdir, REPORT)
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    logging.info("demo: report %s", path)
-    return path
+    return lines

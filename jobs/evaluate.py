@@ -12,28 +12,27 @@ classifier) run jitted with the batch sharded over the mesh (core.metrics.Sharde
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
 import os
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.experimental import multihost_utils
 
+from visual_tokenizers.configs import shapes_classifier
 from visual_tokenizers.configs.evaluate import SAMPLE_METRICS, TOKENIZER_METRICS
-from visual_tokenizers.core import weights
 from visual_tokenizers.core.data import pipeline as data
-from visual_tokenizers.core.data.images import to_model
 from visual_tokenizers.core.evaluation import metrics
 from visual_tokenizers.core.evaluation.reference import (
     FidReference,
-    global_mask,
     progress,
     source_outputs,
 )
 from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.trained import evaluation
+from visual_tokenizers.trained.classifier import TrainedClassifier
+from visual_tokenizers.trained.restored import ema_choice
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 
 def validate(config) -> None:
@@ -72,38 +71,13 @@ def run(config, workdir: str) -> dict:
 # ----------------------------------------------------------------------------- networks
 
 
-@functools.cache
-def inception_apply(path: str, mesh) -> tuple[metrics.ShardedApply, str]:
-    """(uint8 images -> {'pool', 'logits'}, sha256 of the weights); built once per process."""
-    from visual_tokenizers.models import inception
-
-    net, file = inception.load_fid_inception(path or None)
-    apply = metrics.ShardedApply(net, lambda m, x: m(x), mesh, prepare=inception.preprocess)
-    return apply, weights.sha256_of(file)
-
-
-@functools.cache
-def lpips_apply(vgg_path: str, lpips_path: str, mesh) -> metrics.ShardedApply:
-    from visual_tokenizers.models import lpips
-
-    model, _ = lpips.load_lpips(vgg_path or None, lpips_path or None)
-    return metrics.ShardedApply(model, lambda m, a, b: m(to_model(a), to_model(b)), mesh)
-
-
 def shapes_apply(config, workdir: str, mesh) -> metrics.ShardedApply:
     """The shapes classifier cached in its workdir (trained there on first use)."""
-    from visual_tokenizers.configs import shapes_classifier
-    from visual_tokenizers.jobs import train_classifier
-
     where = config.shapes.classifier_workdir or os.path.join(workdir, "shapes_classifier")
     recipe = shapes_classifier.get_config(config.shapes.classifier_variant or None)
     recipe.mesh = config.mesh
-    model = train_classifier.ensure_classifier(where, recipe, mesh=mesh)
+    model = TrainedClassifier.ensure(where, recipe, mesh=mesh).model()
     return metrics.ShardedApply(model, lambda m, x: m.features_and_logits(x), mesh)
-
-
-def _gather(tree):
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 # ----------------------------------------------------------------------------- tokenizer mode
@@ -111,28 +85,22 @@ def _gather(tree):
 
 def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
     """Reconstructs config.num_examples images with a trained tokenizer and measures them."""
-    from visual_tokenizers.jobs import train_tokenizer
-
     step = None if config.tokenizer.step < 0 else config.tokenizer.step
-    tok = train_tokenizer.load_tokenizer(config.tokenizer.workdir, mesh, step)
+    use_ema = ema_choice(config.tokenizer.use_ema)
+    tok = TrainedTokenizer.from_workdir(config.tokenizer.workdir, step, use_ema, mesh)
     d, held_out = tok.config.data, tok.config.eval
     spec, split = config.data.source or held_out.source, config.data.split or held_out.split
     size, data_dir = config.data.image_size or d.image_size, config.data.data_dir or d.data_dir
     wanted = set(config.metrics)
     eval_step = jax.jit(
-        train_tokenizer.make_eval_step(tok.model_def),
+        evaluation.make_eval_step(tok.model_def),
         in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
     )
-    params = tok.params
-    if config.tokenizer.use_ema is not False and tok.ema_params is not None:
-        logging.info("evaluating the EMA weights of %s", config.tokenizer.workdir)
-        params = tok.ema_params
-    reconstruct = lambda batch: eval_step(params, tok.model_state, batch)  # noqa: E731
-    vocab = nnx.eval_shape(train_tokenizer.model_fn_from_config(tok.config)).vocab
+    reconstruct = lambda batch: eval_step(tok.params, tok.model_state, batch)  # noqa: E731
     fid = None
     if "fid" in wanted:
         fid = FidReference(
-            inception=inception_apply(config.weights.inception, mesh),
+            inception=evaluation.inception_apply(config.weights.inception, mesh),
             source=(spec, split, size, config.num_examples, data_dir),
             reference=config.reference.to_dict(),
             batch_size=config.data.batch_size,
@@ -144,7 +112,7 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
     nets = dict(
         inception=fid.inception if fid else None,
         originals=fid is not None and fid.stats is None,
-        lpips=lpips_apply(config.weights.vgg16, config.weights.lpips, mesh)
+        lpips=evaluation.lpips_apply(config.weights.vgg16, config.weights.lpips, mesh)
         if "lpips" in wanted
         else None,
         shapes=shapes_apply(config, workdir, mesh) if "shapes" in wanted else None,
@@ -158,7 +126,9 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         seed=config.seed,
         data_dir=data_dir or None,
     )
-    out = reconstruction_pass(reconstruct, batches, config.num_examples, mesh, vocab, **nets)
+    out = evaluation.reconstruction_pass(
+        reconstruct, batches, config.num_examples, mesh, tok.vocab, **nets
+    )
     results = {"tokenizer": os.path.abspath(config.tokenizer.workdir), "step": tok.step}
     results.update(data=f"{spec}:{split} at {size}px", num_examples=len(out["psnr"]))
     for key in ("psnr", "ssim", "lpips"):
@@ -176,50 +146,6 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
     return results
 
 
-def reconstruction_pass(
-    reconstruct, batches, num, mesh, vocab=None, *, inception, originals, lpips, shapes
-) -> dict:
-    """One pass over `batches`: per-image metrics and features of up to `num` reconstructions.
-
-    reconstruct(global batch) -> global {'psnr', 'ssim', 'indices', 'reconstruction'} (the
-    tokenizer trainer's eval step). `originals`: also Inception features of the input images.
-    """
-    out, seen = collections.defaultdict(list), 0
-    stats = metrics.CodebookStats(vocab.size, vocab) if vocab is not None else None
-    for batch in progress(batches, "reconstruct"):
-        images = mesh_lib.host_batch_to_global({"image": batch["image"]}, mesh)["image"]
-        result = reconstruct({"image": images})
-        mask = global_mask(batch["mask"], num - seen)
-        small = _gather({k: result[k] for k in ("psnr", "ssim", "indices")})
-        out["psnr"].append(small["psnr"][mask])
-        out["ssim"].append(small["ssim"][mask])
-        if stats is not None:
-            stats.update(small["indices"][mask])
-        recon = result["reconstruction"]
-        if inception is not None:
-            out["pool"].append(inception(recon)["pool"][mask])
-            if originals:
-                out["reference_pool"].append(inception(images)["pool"][mask])
-        if lpips is not None:
-            out["lpips"].append(lpips(images, recon)[mask])
-        if shapes is not None:
-            labels = _gather(batch["label"])[mask]
-            predicted = shapes(recon)
-            out["shapes_correct"].append(predicted["logits"][mask].argmax(-1) == labels)
-            out["shapes_features"].append(predicted["features"][mask])
-            out["shapes_reference"].append(shapes(images)["features"][mask])
-        seen += int(mask.sum())
-        if seen >= num:
-            break
-    batches.close()
-    if seen == 0:
-        raise data.DataError("the evaluation data gave no images; check data.source and data.split")
-    merged = {k: np.concatenate(v) for k, v in out.items()}
-    if stats is not None:
-        merged["codebook"] = stats.result()
-    return merged
-
-
 # ----------------------------------------------------------------------------- samples mode
 
 
@@ -229,7 +155,7 @@ def evaluate_samples(config, workdir: str, mesh) -> dict:
     reader = metrics.NpzImages(config.samples.path)
     inception = fid = None
     if wanted & {"fid", "is", "pr"}:
-        inception, sha = inception_apply(config.weights.inception, mesh)
+        inception, sha = evaluation.inception_apply(config.weights.inception, mesh)
     if wanted & {"fid", "pr"}:
         fid = FidReference(
             inception=(inception, sha),
@@ -286,38 +212,6 @@ def shapes_of_samples(config, out: dict, reader, shapes) -> dict:
     )
     results["shapes_fd"] = metrics.frechet_distance_of(out["shapes_features"], reference)
     return results
-
-
-# ----------------------------------------------------------------------------- trainer hook
-
-
-def training_rfid(config, reconstruct, mesh) -> float:
-    """rFID of config.eval.fid_num_examples held-out reconstructions, for train_tokenizer.
-
-    reconstruct(global batch) -> the trainer's eval step outputs. The reference statistics of
-    the held-out originals are computed on the first call and cached.
-    """
-    d, num = config.data, config.eval.fid_num_examples
-    fid = FidReference(
-        inception=inception_apply(config.eval.get("fid_inception_weights", ""), mesh),
-        source=(config.eval.source, config.eval.split, d.image_size, num, d.data_dir),
-        reference=None,
-        batch_size=config.eval.batch_size,
-        seed=config.seed,
-        need_pool=False,
-    )
-    batches = data.held_out_batches(config)
-    out = reconstruction_pass(
-        reconstruct,
-        batches,
-        num,
-        mesh,
-        inception=fid.inception,
-        originals=fid.stats is None,
-        lpips=None,
-        shapes=None,
-    )
-    return fid.result(out, "rfid")["rfid"]
 
 
 def report(results: dict, workdir: str) -> None:

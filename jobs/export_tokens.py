@@ -35,13 +35,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from visual_tokenizers.core import trained_tokenizer as tt
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens import manifest as manifest_lib
 from visual_tokenizers.core.tokens import shards as shards_lib
 from visual_tokenizers.core.tokens.layout import TokenRowLayout
+from visual_tokenizers.trained.restored import ema_choice
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 MODES = ("export", "decode", "stats")
 
@@ -124,7 +125,7 @@ def export(config, workdir: str) -> dict:
     ref = config.tokenizer
     step = ref.step if ref.step >= 0 else None
     try:
-        tok = tt.restore(ref.workdir, mesh, step, ref.use_ema)
+        tok = TrainedTokenizer.from_workdir(ref.workdir, step, ema_choice(ref.use_ema), mesh)
     except checkpoint.CheckpointError as e:  # Name the setting to fix.
         raise checkpoint.CheckpointError(f"config.tokenizer.workdir: {e}") from e
     image_size = config.data.image_size or tok.config.data.image_size
@@ -135,7 +136,7 @@ def export(config, workdir: str) -> dict:
         data_dir=config.data.data_dir or None,
     )
     plan = make_plan(config, source, mesh)
-    encode, indices_shape = tt.compile_encode(tok, mesh, plan.global_batch, image_size)
+    encode, indices_shape = tok.compile_encode(plan.global_batch, image_size)
     layout = TokenRowLayout.create(
         indices_shape, tok.vocab, offset=config.vocab_offset, delimiters=config.image_delimiters
     )
@@ -161,7 +162,7 @@ def export(config, workdir: str) -> dict:
     finally:
         writer.close()
     seconds = time.perf_counter() - start
-    codebooks = tt.codebook_arrays(tok, mesh)
+    codebooks = tok.codebook_arrays()
     multihost_utils.sync_global_devices("export_tokens: shards written")
     # images_per_s: the encode pipeline (data, device, shard writes); restore and compilation
     # are one-off costs, the manifest's pass over every shard is timed as finalize_seconds.
@@ -255,7 +256,7 @@ def _collect(job: _Export, rows: _ShardRows, b: int, host: dict, out) -> None:
     plan = job.plan
     positions = plan.positions(b)
     valid = host["mask"].astype(bool) & (positions < plan.position_limit)
-    tokens = job.layout.to_stored(tt.local_rows(out))
+    tokens = job.layout.to_stored(mesh_lib.local_rows(out))
     rows.keys += [job.key_of(int(i)) for i in positions[valid]]
     rows.labels.append(host["label"][valid])
     rows.tokens.append(tokens[valid])
@@ -272,10 +273,11 @@ def _collect(job: _Export, rows: _ShardRows, b: int, host: dict, out) -> None:
 
 def describe(config, tok, source, plan, layout, image_size: int, key_text: str):
     """(spec: the settings that decide shard contents, info: the rest of the manifest)."""
+    record = tok.record()
     spec = {
-        "tokenizer_workdir": tok.workdir,
-        "tokenizer_step": tok.step,
-        "weights": tok.weights,
+        "tokenizer_workdir": record["workdir"],
+        "tokenizer_step": record["step"],
+        "weights": record["weights"],
         "source": config.data.source,
         "split": plan.split,
         "image_size": image_size,
@@ -287,12 +289,7 @@ def describe(config, tok, source, plan, layout, image_size: int, key_text: str):
     }
     with_label = source.num_classes > 1
     info = {
-        "tokenizer": {
-            "workdir": tok.workdir,
-            "step": tok.step,
-            "weights": tok.weights,
-            "config": tok.config.to_dict(),
-        },
+        "tokenizer": {**record, "config": tok.config.to_dict()},
         "quantizer": {"family": tok.config.quantizer.name, "vocab": tok.vocab.to_dict()},
         "tokens": {
             "column": "tokens",
@@ -350,11 +347,11 @@ def decode(config, workdir: str) -> dict:
     keys, tokens = manifest_lib.read_rows(workdir, manifest, config.decode.max_images)
     indices = layout.from_stored(tokens)
     mesh = mesh_lib.make_mesh(config.mesh)
-    info = manifest["tokenizer"]
     # The run that encoded the shards; config.tokenizer.workdir only if it has moved since.
-    where = info["workdir"] if os.path.isdir(info["workdir"]) else config.tokenizer.workdir
-    tok = tt.restore(where, mesh, info["step"], info["weights"] == "ema")
-    decode_fn = tt.compile_decode(tok, mesh, indices.ndim)
+    tok = TrainedTokenizer.from_record(
+        manifest["tokenizer"], mesh, config.tokenizer.workdir, "--config.tokenizer.workdir"
+    )
+    decode_fn = tok.compile_decode(indices.ndim)
     gb, p = config.data.batch_size, jax.process_index()
     local = gb // jax.process_count()
     out_dir = os.path.join(workdir, "decoded")
@@ -364,7 +361,7 @@ def decode(config, workdir: str) -> dict:
         batch[: len(indices[start : start + gb])] = indices[start : start + gb]
         mine = batch[p * local : (p + 1) * local]
         arrays = mesh_lib.host_batch_to_global({"indices": mine}, mesh)
-        images = tt.local_rows(decode_fn(tok.params, tok.model_state, arrays["indices"]))
+        images = mesh_lib.local_rows(decode_fn(tok.params, tok.model_state, arrays["indices"]))
         for j, image in enumerate(images):
             row = start + p * local + j
             if row < len(keys):

@@ -16,7 +16,6 @@ Rerunning with other settings on the same OUT is an error naming them.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import logging
@@ -31,115 +30,20 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from visual_tokenizers.core import files
-from visual_tokenizers.core import trained_tokenizer as tt
 from visual_tokenizers.core.data.images import save_grid
 from visual_tokenizers.core.runtime import mesh as mesh_lib
-from visual_tokenizers.core.tokens.layout import Vocab
-from visual_tokenizers.models.maskgit import make_sampler
+from visual_tokenizers.trained.maskgit import (
+    Generator,
+    TrainedMaskGIT,
+    class_grid,
+    labels_for,
+    sample_options,
+    token_ndim,
+)
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 PARTS = ".parts"
 RESULT = "samples.json"
-
-
-def sample_options(s) -> dict:
-    """MaskGIT.sample keyword options from a config section (steps, temperatures, guidance).
-
-    guidance_scale 1 with the constant schedule is plain conditional sampling (one pass, the
-    official MaskGIT); any other value runs classifier-free guidance.
-    """
-    plain = float(s.guidance_scale) == 1.0 and s.guidance_schedule == "constant"
-    return dict(
-        steps=int(s.steps),
-        temperature=float(s.temperature),
-        top_k=int(s.top_k),
-        choice_temperature=float(s.choice_temperature),
-        schedule=s.mask_schedule,
-        guidance_scale=None if plain else float(s.guidance_scale),
-        guidance_schedule=s.guidance_schedule,
-    )
-
-
-@dataclasses.dataclass
-class Generator:
-    """labels -> uint8 images: MaskGIT sampling then the tokenizer's decoder, both sharded."""
-
-    sampler: object
-    decode: object
-    tokenizer: tt.Restored
-    mesh: object
-
-    @classmethod
-    def create(cls, model_def, tokenizer: tt.Restored, mesh, options: dict, token_ndim: int):
-        sampler = make_sampler(model_def, mesh=mesh, **options)
-        return cls(sampler, tt.compile_decode(tokenizer, mesh, token_ndim), tokenizer, mesh)
-
-    def __call__(self, params, model_state, labels: np.ndarray, rng) -> np.ndarray:
-        """Every process passes the same global labels; every process gets all images."""
-        local = len(labels) // jax.process_count()
-        mine = labels[jax.process_index() * local :][:local].astype(np.int32)
-        labels = mesh_lib.host_batch_to_global({"label": mine}, self.mesh)["label"]
-        tokens = self.sampler(params, model_state, labels, rng)
-        images = self.decode(self.tokenizer.params, self.tokenizer.model_state, tokens)
-        return np.asarray(multihost_utils.process_allgather(images, tiled=True))
-
-
-def restore_tokenizer(resolved: dict, mesh, workdir: str = "") -> tt.Restored:
-    """The tokenizer a MaskGIT was trained on (the same step and weights); `workdir` overrides
-    where it lives (when the run has moved)."""
-    info = resolved["tokenizer"]
-    where = workdir or info["workdir"]
-    if not os.path.isdir(where):
-        raise FileNotFoundError(
-            f"the tokenizer run {where} that made the MaskGIT's tokens is gone; pass its new "
-            "place as --config.tokenizer.workdir"
-        )
-    return tt.restore(where, mesh, int(info["step"]), info["weights"] == "ema")
-
-
-def labels_for(classes, num_samples: int) -> np.ndarray:
-    return np.array([classes[i % len(classes)] for i in range(num_samples)], np.int32)
-
-
-def class_grid(images: np.ndarray, labels: np.ndarray, classes, columns: int) -> list:
-    """Rows of up to `columns` images, one row per class in `classes` that has samples."""
-    rows = [images[labels == c][:columns] for c in classes]
-    return [r for r in rows if len(r)]
-
-
-class GridSampler:
-    """The trainer's periodic PNG: one row per class (at most 10 classes, 8 samples each)."""
-
-    def __init__(self, generator, labels, columns, seed, workdir):
-        self.generator, self.labels, self.columns = generator, labels, columns
-        self.seed, self.workdir = seed, workdir
-
-    @classmethod
-    def create(cls, config, model_def, tokenizer, mesh, workdir):
-        r = config.resolved.to_dict()
-        if tokenizer is None:
-            tokenizer = restore_tokenizer(r, mesh)
-        classes = list(range(min(r["num_classes"], 10)))
-        parallel = mesh_lib.batch_parallelism(mesh)
-        columns = 8
-        n = math.ceil(len(classes) * columns / parallel) * parallel
-        labels = labels_for([c for c in classes for _ in range(columns)], n)
-        ndim = 1 + len(Vocab.from_dict(r["vocab"]).index_shape(r["token_shape"]))
-        generator = Generator.create(
-            model_def, tokenizer, mesh, sample_options(config.sample), ndim
-        )
-        return cls(generator, labels, columns, config.seed, workdir)
-
-    def __call__(self, state, step: int) -> dict:
-        start = time.perf_counter()
-        rng = jax.random.fold_in(jax.random.key(self.seed + 1), step)
-        images = self.generator(state.params, state.model_state, self.labels, rng)
-        if jax.process_index() == 0:
-            classes = sorted(set(self.labels.tolist()))
-            rows = class_grid(images, self.labels, classes, self.columns)
-            path = os.path.join(self.workdir, "images", f"samples_{step:07d}.png")
-            save_grid(path, rows)
-            logging.info("samples at step %d: %s", step, path)
-        return {"sample_seconds": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -155,16 +59,12 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    from visual_tokenizers.jobs.train_maskgit import (
-        load_maskgit,  # Lazy: train_maskgit imports this module.
-    )
-
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_sizes(mesh, {"batch_size": config.batch_size})
     step = config.maskgit.step if config.maskgit.step >= 0 else None
-    maskgit = load_maskgit(config.maskgit.workdir, mesh, step)
+    maskgit = TrainedMaskGIT.from_workdir(config.maskgit.workdir, step, mesh=mesh)
     r = maskgit.resolved
     classes = [int(c) for c in config.classes] or list(range(r["num_classes"]))
     bad = [c for c in classes if not 0 <= c < r["num_classes"]]
@@ -175,9 +75,12 @@ def run(config, workdir: str) -> dict:
     if done is not None:
         logging.info("sample: %s already holds these samples; nothing to do", workdir)
         return done
-    tokenizer = restore_tokenizer(r, mesh, config.tokenizer.workdir)
-    ndim = 1 + len(Vocab.from_dict(r["vocab"]).index_shape(r["token_shape"]))
-    generator = Generator.create(maskgit.model_def, tokenizer, mesh, sample_options(config), ndim)
+    # The run the MaskGIT's tokens came from; config.tokenizer.workdir if it has moved since.
+    tokenizer = TrainedTokenizer.from_record(
+        r["tokenizer"], mesh, config.tokenizer.workdir, "--config.tokenizer.workdir"
+    )
+    options = sample_options(config)
+    generator = Generator.create(maskgit.model_def, tokenizer, mesh, options, token_ndim(r))
     labels = labels_for(classes, config.num_samples)
     parts = _parts_dir(workdir, spec)
     start = time.perf_counter()
@@ -309,11 +212,7 @@ def _assemble(config, workdir, parts, spec, resolved, classes, tokenizer) -> dic
         "class_names": names,
         "samples_per_class": {str(c): int(counts[c]) for c in classes},
         "maskgit": {"workdir": spec["maskgit_workdir"], "step": spec["maskgit_step"]},
-        "tokenizer": {
-            "workdir": tokenizer.workdir,
-            "step": int(tokenizer.step),
-            "weights": tokenizer.weights,
-        },
+        "tokenizer": tokenizer.record(),
         **{k: v for k, v in spec.items() if k not in ("maskgit_workdir", "classes")},
     }
 

@@ -5,8 +5,8 @@ that is empty, are encoded on the fly by the tokenizer trained in `config.tokeni
 (its EMA weights when it kept them) over `config.data`. Both paths draw the same examples in the
 same order (core/token_batches.py) and a resumed run sees exactly the batches it would have
 seen. The vocabulary, token grid and class count come from the tokenizer (the manifest or the
-restored run) and are saved with every checkpoint under `config.resolved`, so `load_maskgit`
-rebuilds the model without the tokens.
+restored run) and are saved with every checkpoint under `config.resolved`, so
+`TrainedMaskGIT.from_workdir` (trained/maskgit.py) rebuilds the model without the tokens.
 
 The step is masked-token prediction (`MaskGIT.loss`: mask schedule, label smoothing, class
 dropout for classifier-free guidance) under AdamW, on the shared loop (core/loop.py): logging,
@@ -17,51 +17,37 @@ checkpoints, SIGTERM and the NaN guard. `config.sample.every > 0` adds PNG grids
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 import logging
+import math
 import os
+import time
 
 import jax
 import ml_collections
 import optax
 from flax import nnx
 
-from visual_tokenizers.core import trained_tokenizer as tt
 from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.data.images import save_grid
 from visual_tokenizers.core.runtime import checkpoint, optim
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
 from visual_tokenizers.core.runtime.job import TrainingJob
 from visual_tokenizers.core.tokens import batches as tb
 from visual_tokenizers.core.tokens.layout import Vocab
-from visual_tokenizers.models.maskgit import MaskGIT
 from visual_tokenizers.models.maskgit_decode import SCHEDULES
-from visual_tokenizers.tokenizers.tokenizer import DTYPES
-
-
-def build_maskgit(*, seed: int, dtype: str, **kwargs) -> MaskGIT:
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
-    return MaskGIT(dtype=DTYPES[dtype], rngs=nnx.Rngs(seed), **kwargs)
-
-
-def model_fn_from_config(config):
-    """The MaskGIT of a config whose `resolved` section names the tokens (see resolve())."""
-    m, r = config.model, config.resolved
-    return functools.partial(
-        build_maskgit,
-        vocab=Vocab.from_dict(r.vocab.to_dict()),
-        token_shape=tuple(r.token_shape),
-        num_classes=int(r.num_classes),
-        width=m.width,
-        depth=m.depth,
-        heads=m.heads,
-        mlp_dim=m.mlp_dim,
-        dropout=m.dropout,
-        head_group_bits=m.head_group_bits,
-        dtype=m.dtype,
-        seed=config.seed,
-    )
+from visual_tokenizers.trained import builders
+from visual_tokenizers.trained.maskgit import (
+    Generator,
+    class_grid,
+    labels_for,
+    model_fn_from_config,
+    sample_options,
+    token_ndim,
+)
+from visual_tokenizers.trained.restored import ema_choice
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 
 def _decay_mask(params):
@@ -135,7 +121,7 @@ class Tokens:
     resolved: dict  # saved with the config: vocab, token_shape, num_classes, tokenizer, ...
     index_shape: tuple[int, ...]
     exported: tb.ExportedTokens | None = None
-    tokenizer: tt.Restored | None = None  # on-the-fly path
+    tokenizer: TrainedTokenizer | None = None  # on-the-fly path
     image_size: int = 0
 
 
@@ -157,24 +143,14 @@ def resolve(config, mesh) -> Tokens:
     d = config.data
     size = d.image_size or tok.config.data.image_size
     source = data.make_source(d.source, d.split, image_size=size, data_dir=d.data_dir or None)
-    index_shape = _encoded_shape(tok, size)
+    index_shape = tok.encoded_shape(size)
     names = list(getattr(source, "class_names", None) or [])
-    tokenizer = {"workdir": tok.workdir, "step": int(tok.step), "weights": tok.weights}
+    tokenizer = tok.record()
     grid = index_shape[:-1] if tok.vocab.grouped else index_shape
     info = _resolved(config, tok.vocab, grid, source.num_classes, names, tokenizer)
     info["tokens"] = f"encode:{d.source}:{d.split}"
     info["num_examples"] = min(len(source), d.max_examples or len(source))
     return Tokens(info, index_shape, tokenizer=tok, image_size=size)
-
-
-def _encoded_shape(tok: tt.Restored, image_size: int) -> tuple[int, ...]:
-    """Per-image shape of the tokenizer's indices at `image_size` (traced, not run)."""
-
-    def encode(params, model_state, images):
-        return tok.tokenizer.model_def.merge(params, model_state).encode(images)
-
-    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jax.numpy.float32)
-    return tuple(jax.eval_shape(encode, tok.params, tok.model_state, images).shape[1:])
 
 
 def _resolved(config, vocab: Vocab, grid, num_classes, class_names, tokenizer) -> dict:
@@ -188,10 +164,11 @@ def _resolved(config, vocab: Vocab, grid, num_classes, class_names, tokenizer) -
     }
 
 
-def _restore_tokenizer(config, mesh) -> tt.Restored:
+def _restore_tokenizer(config, mesh) -> TrainedTokenizer:
     step = config.tokenizer.step if config.tokenizer.step >= 0 else None
+    use_ema = ema_choice(config.tokenizer.use_ema)
     try:
-        return tt.restore(config.tokenizer.workdir, mesh, step, config.tokenizer.use_ema)
+        return TrainedTokenizer.from_workdir(config.tokenizer.workdir, step, use_ema, mesh)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"config.tokenizer.workdir: {e}") from e
 
@@ -201,9 +178,8 @@ def _check_tokenizer(config, vocab: Vocab, mesh) -> None:
     if not config.tokenizer.workdir:
         return
     step, saved = checkpoint.read_config(config.tokenizer.workdir)
-    from visual_tokenizers.jobs.train_tokenizer import model_fn_from_config as tokenizer_fn
-
-    theirs = nnx.eval_shape(tokenizer_fn(ml_collections.ConfigDict(saved))).vocab
+    tokenizer_fn = builders.model_fn_from_config(ml_collections.ConfigDict(saved))
+    theirs = nnx.eval_shape(tokenizer_fn).vocab
     if theirs != vocab:
         raise ValueError(
             f"config.tokens.export_dir holds tokens of vocab {vocab}, but "
@@ -242,8 +218,6 @@ def _check_resume(workdir: str, resolved: dict) -> None:
 
 def _plain(x):
     """JSON round trip: tuples become lists, so saved and fresh values compare equal."""
-    import json
-
     return json.loads(json.dumps(x))
 
 
@@ -311,11 +285,7 @@ def run(config, workdir: str) -> dict:
     step_with_tokens = _with_encoding(train_step, tokens, mesh, config)
     sampler, sample_last = None, None
     if config.sample.every > 0:
-        from visual_tokenizers.jobs import (
-            sample as sample_job,  # Lazy: sampling pulls in the decoder.
-        )
-
-        sampler = sample_job.GridSampler.create(config, model_def, tokens.tokenizer, mesh, workdir)
+        sampler = GridSampler.create(config, model_def, tokens.tokenizer, mesh, workdir)
 
         def sample_last(s):  # the last grid; its timing is not a final metric
             sampler(s, int(s.step))
@@ -339,7 +309,7 @@ def _with_encoding(train_step, tokens: Tokens, mesh, config):
     if tokens.tokenizer is None:
         return train_step
     tok = tokens.tokenizer
-    encode, shape = tt.compile_encode(tok, mesh, config.data.batch_size, tokens.image_size)
+    encode, shape = tok.compile_encode(config.data.batch_size, tokens.image_size)
     assert tuple(shape) == tuple(tokens.index_shape), (shape, tokens.index_shape)
 
     def step(state, batch):
@@ -349,35 +319,38 @@ def _with_encoding(train_step, tokens: Tokens, mesh, config):
     return step
 
 
-# ----------------------------------------------------------------------------- restore
+# ----------------------------------------------------------------------------- sample grids
 
 
-@dataclasses.dataclass
-class TrainedMaskGIT:
-    """A MaskGIT restored from a training workdir, placed on a mesh."""
+class GridSampler:
+    """The trainer's periodic PNG: one row per class (at most 10 classes, 8 samples each)."""
 
-    config: ml_collections.ConfigDict
-    step: int
-    model_def: ts.ModelDef
-    params: dict
-    model_state: dict
-    shardings: ts.TrainState
+    def __init__(self, generator, labels, columns, seed, workdir):
+        self.generator, self.labels, self.columns = generator, labels, columns
+        self.seed, self.workdir = seed, workdir
 
-    def model(self) -> MaskGIT:
-        return self.model_def.merge(self.params, self.model_state)
+    @classmethod
+    def create(cls, config, model_def, tokenizer, mesh, workdir):
+        r = config.resolved.to_dict()
+        if tokenizer is None:
+            tokenizer = TrainedTokenizer.from_record(r["tokenizer"], mesh)
+        classes = list(range(min(r["num_classes"], 10)))
+        parallel = mesh_lib.batch_parallelism(mesh)
+        columns = 8
+        n = math.ceil(len(classes) * columns / parallel) * parallel
+        labels = labels_for([c for c in classes for _ in range(columns)], n)
+        options = sample_options(config.sample)
+        generator = Generator.create(model_def, tokenizer, mesh, options, token_ndim(r))
+        return cls(generator, labels, columns, config.seed, workdir)
 
-    @property
-    def resolved(self) -> dict:
-        return self.config.resolved.to_dict()
-
-
-def load_maskgit(workdir: str, mesh=None, step: int | None = None) -> TrainedMaskGIT:
-    """Restores a MaskGIT training run (its saved config rebuilds the model) onto `mesh`."""
-    config, step, model_def, state, shardings = ts.restore_run(
-        workdir, model_fn_from_config, mesh=mesh, step=step
-    )
-    if "resolved" not in config:
-        raise checkpoint.CheckpointError(
-            f"{workdir} was not written by jobs/train_maskgit.py (its config has no 'resolved')"
-        )
-    return TrainedMaskGIT(config, step, model_def, state.params, state.model_state, shardings)
+    def __call__(self, state, step: int) -> dict:
+        start = time.perf_counter()
+        rng = jax.random.fold_in(jax.random.key(self.seed + 1), step)
+        images = self.generator(state.params, state.model_state, self.labels, rng)
+        if jax.process_index() == 0:
+            classes = sorted(set(self.labels.tolist()))
+            rows = class_grid(images, self.labels, classes, self.columns)
+            path = os.path.join(self.workdir, "images", f"samples_{step:07d}.png")
+            save_grid(path, rows)
+            logging.info("samples at step %d: %s", step, path)
+        return {"sample_seconds": time.perf_counter() - start}

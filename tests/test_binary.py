@@ -345,9 +345,10 @@ def _train_steps(config, mesh, batches):
     from visual_tokenizers.core.runtime import mesh as mesh_lib
     from visual_tokenizers.core.runtime import train_state as ts
     from visual_tokenizers.jobs import train_tokenizer
+    from visual_tokenizers.trained import builders
 
-    model_fn = train_tokenizer.model_fn_from_config(config)
-    optimizer = train_tokenizer.optimizer_from_config(config)
+    model_fn = builders.model_fn_from_config(config)
+    optimizer = builders.optimizer_from_config(config)
     rules = tuple(config.sharding_rules)
     model_def, _, shardings = ts.state_shardings(model_fn, optimizer, mesh, rules)
     state = ts.init_state(model_fn, optimizer, shardings)

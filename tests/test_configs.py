@@ -13,8 +13,8 @@ from flax import nnx
 
 from visual_tokenizers import run
 from visual_tokenizers.core.runtime import train_state
-from visual_tokenizers.jobs import train_tokenizer
 from visual_tokenizers.tokenizers import training
+from visual_tokenizers.trained import builders
 
 CONFIG_FILES = sorted(
     os.path.basename(p)[:-3]
@@ -25,15 +25,15 @@ CONFIG_FILES = sorted(
 
 def _check_tokenizer_config(full, tiny):
     assert tiny.data.image_size <= 64 and tiny.data.source.startswith("builtin:")
-    model = train_tokenizer.model_fn_from_config(tiny)()
+    model = builders.model_fn_from_config(tiny)()
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
     # The full model is only traced abstractly: no memory is allocated.
-    abstract = nnx.eval_shape(train_tokenizer.model_fn_from_config(full))
+    abstract = nnx.eval_shape(builders.model_fn_from_config(full))
     assert abstract.vocab.size > 0
     # The training recipe: loss keys valid, discriminator buildable (abstractly).
     for config in (full, tiny):
         training.LossConfig.from_dict(config.loss.to_dict())
-        disc = train_tokenizer.discriminator_from_config(config)
+        disc = builders.discriminator_from_config(config)
         assert (disc is not None) == (config.loss.adversarial_weight > 0)
         if disc is not None:
             images = jax.ShapeDtypeStruct(
@@ -52,10 +52,10 @@ def _check_export_config(full, tiny):
 
 
 def _check_classifier_config(full, tiny):
-    from visual_tokenizers.jobs import train_classifier
+    from visual_tokenizers.trained import classifier
 
     assert tiny.data.source.startswith("builtin:") and tiny.num_steps <= full.num_steps
-    model = train_classifier.model_fn_from_config(tiny)()
+    model = classifier.model_fn_from_config(tiny)()
     images = jax.ShapeDtypeStruct((2, tiny.data.image_size, tiny.data.image_size, 3), np.uint8)
     assert jax.eval_shape(lambda x: model(x), images).shape == (2, tiny.model.num_classes)
 
@@ -82,21 +82,22 @@ def _check_maskgit_config(full, tiny):
     from ml_collections import ConfigDict
 
     from visual_tokenizers.jobs import train_maskgit
+    from visual_tokenizers.trained import maskgit
 
     assert tiny.data.source.startswith("builtin:") and tiny.data.image_size <= 64
     module = _tokenizer_of(full)
     cases = [(tiny, "tiny")] + ([] if full.data.source.startswith("builtin:") else [(full, None)])
     for config, variant in cases:
         tok = module.get_config(variant)
-        vocab = nnx.eval_shape(train_tokenizer.model_fn_from_config(tok)).vocab
+        vocab = nnx.eval_shape(builders.model_fn_from_config(tok)).vocab
         grid = tok.data.image_size // tok.model.encoder.patch_size
         config = ConfigDict(config.to_dict())
         config.resolved = {"vocab": vocab.__dict__, "token_shape": [grid, grid], "num_classes": 10}
         if variant is None:
-            abstract = nnx.eval_shape(train_maskgit.model_fn_from_config(config))
+            abstract = nnx.eval_shape(maskgit.model_fn_from_config(config))
             assert abstract.token_shape == (16, 16) and len(abstract.blocks) == full.model.depth
             continue
-        model = train_maskgit.model_fn_from_config(config)()
+        model = maskgit.model_fn_from_config(config)()
         optimizer, lr_fn = train_maskgit.optimizer_from_config(config)
         model_def, params, rest = train_state.split_model(model)
         step = train_maskgit.make_train_step(
@@ -169,7 +170,7 @@ def test_vq_b16_matches_the_published_recipe():
     assert config.quantizer.codebook_size == 16384
     assert config.quantizer.code_dim == 8 and config.quantizer.l2_normalize
     assert (config.model.encoder.width, config.model.encoder.depth) == (768, 12)
-    abstract = nnx.eval_shape(train_tokenizer.model_fn_from_config(config))
+    abstract = nnx.eval_shape(builders.model_fn_from_config(config))
     assert abstract.vocab.size == 16384
     count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract.encoder)))
     assert 85e6 < count < 87e6  # ViT-B/16 backbone: ~86M parameters

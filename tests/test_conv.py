@@ -79,9 +79,9 @@ def test_same_tree_and_parameter_count_as_official_at_256():
     assert ours_total == count(theirs["encoder"]) + count(theirs["decoder"])
     # Whole tokenizer, as configs/vqgan_f16.py builds it: plus the 1024 x 256 codebook.
     from visual_tokenizers.configs import vqgan_f16
-    from visual_tokenizers.jobs import train_tokenizer
+    from visual_tokenizers.trained import builders
 
-    tokenizer = nnx.eval_shape(train_tokenizer.model_fn_from_config(vqgan_f16.get_config()))
+    tokenizer = nnx.eval_shape(builders.model_fn_from_config(vqgan_f16.get_config()))
     assert count(nnx.state(tokenizer, nnx.Param)) == count(theirs)
     assert theirs["quantizer"]["codebook"].shape == (1024, 256)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visual_tokenizers import run
 from visual_tokenizers.configs import demo as demo_config
 from visual_tokenizers.jobs import demo
 
@@ -25,7 +26,7 @@ SECTIONS = (
 def test_demo_runs_end_to_end_writes_the_report_and_resumes(tmp_path):
     workdir = str(tmp_path)
     config = demo_config.get_config("test")
-    result = demo.run(config, workdir)
+    result = demo.run(config, workdir, run_job=run.run_job)
     report = open(os.path.join(workdir, "report.md")).read()
     assert [s for s in SECTIONS if s not in report] == []
     # Every image the report links exists and is a PNG: reconstructions, token statistics,
@@ -53,11 +54,11 @@ def test_demo_runs_end_to_end_writes_the_report_and_resumes(tmp_path):
     # A rerun skips every finished stage and reports the same figures.
     checkpoint = os.path.join(workdir, "maskgit", "checkpoints")
     before = sorted(os.listdir(checkpoint))
-    again = demo.run(config, workdir)
+    again = demo.run(config, workdir, run_job=run.run_job)
     assert {k: v for k, v in again.items()} == result
     assert sorted(os.listdir(checkpoint)) == before
     report = open(os.path.join(workdir, "report.md")).read()
     assert report.count("skipped now") == len(stages)
     config.maskgit.num_steps = 21  # other settings for a finished stage are refused
     with pytest.raises(ValueError, match="other settings"):
-        demo.run(config, workdir)
+        demo.run(config, workdir, run_job=run.run_job)

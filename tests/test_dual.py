@@ -18,6 +18,7 @@ from visual_tokenizers.models import teacher as teacher_lib
 from visual_tokenizers.models.vit import ViTEncoder
 from visual_tokenizers.tokenizers import losses as losses_lib
 from visual_tokenizers.tokenizers.dual import DualCodebookQuantizer
+from visual_tokenizers.trained import builders
 
 SEM, PIX = 32, 8  # code dims; the quantizer's inputs have these widths, so no projections
 
@@ -98,7 +99,7 @@ def _config():
 
 
 def _tiny_model():
-    return train_tokenizer.model_fn_from_config(_config())()
+    return builders.model_fn_from_config(_config())()
 
 
 def _images(n=4, seed=0):
@@ -143,7 +144,7 @@ def test_conv_pixel_branch_and_1d_latents_build_with_the_right_shapes():
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 
     def shapes(config):
-        model = nnx.eval_shape(train_tokenizer.model_fn_from_config(config))
+        model = nnx.eval_shape(builders.model_fn_from_config(config))
         graphdef, state = nnx.split(model)
 
         def run(state, x):
@@ -317,8 +318,8 @@ def runs(tmp_path_factory):
     _, path = _teacher_file(tmp_path_factory.mktemp("teacher"))
     config = _config()
     config.teacher.weights = path
-    model_fn = train_tokenizer.model_fn_from_config(config)
-    optimizer = train_tokenizer.optimizer_from_config(config)
+    model_fn = builders.model_fn_from_config(config)
+    optimizer = builders.optimizer_from_config(config)
     rules = tuple(config.sharding_rules)
     one = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices()[:1])
     eight = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "model": 1})

@@ -6,7 +6,7 @@ IS, precision/recall, shapes signals), each checked against an independent compu
 
 The FID Inception is replaced here by a small stand-in with the same interface: on 2 CPU cores
 one 2048-d sqrtm takes tens of seconds. The real network, loaded and run exactly as the job
-does (`evaluate.inception_apply`), is checked against pytorch-fid in test_inception.py.
+does (`trained.evaluation.inception_apply`), is checked against pytorch-fid in test_inception.py.
 """
 
 import json
@@ -27,6 +27,10 @@ from visual_tokenizers.core.data.images import to_model, to_uint8
 from visual_tokenizers.core.evaluation import metrics
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.jobs import evaluate, train_classifier, train_tokenizer
+from visual_tokenizers.trained import classifier as classifier_lib
+from visual_tokenizers.trained import evaluation
+from visual_tokenizers.trained.classifier import TrainedClassifier
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 N = 16  # Images per evaluation: enough to exercise batching, small enough for CPU.
 
@@ -57,7 +61,7 @@ class StandInInception(nnx.Module):
 
 
 def stand_in_inception_apply(path, mesh):
-    """What evaluate.inception_apply returns, for the stand-in network."""
+    """What evaluation.inception_apply returns, for the stand-in network."""
     assert path == "inception.pth"  # The configured weights path reaches the loader.
     return metrics.ShardedApply(StandInInception(), lambda m, x: m(x), mesh), "stand-in"
 
@@ -97,7 +101,7 @@ def test_shapes_classifier_reaches_98_percent(classifier):
     workdir, result = classifier
     assert result["test_accuracy"] >= 0.98
     # Independently, on held-out images the job's own evaluation did not use.
-    model = train_classifier.load_classifier(workdir)
+    model = TrainedClassifier.from_workdir(workdir).model()
     images, labels = _shapes("test", 5000, 1000)
     predicted = np.asarray(jax.jit(lambda x: model(x).argmax(-1))(images))
     assert (predicted == labels).mean() >= 0.98
@@ -111,9 +115,9 @@ def _down_up(images, factor: int) -> np.ndarray:
 
 
 def test_shapes_classifier_judges_shape_not_sharpness(classifier):
-    """Trained on decoder-like degraded copies too (train_classifier.degrade): without them it
+    """Trained on decoder-like degraded copies too (trained/classifier.py degrade): without them it
     classified 31 % of 2x down-up images correctly; it also knows builtin:shapes_plain."""
-    model = train_classifier.load_classifier(classifier[0])
+    model = TrainedClassifier.from_workdir(classifier[0]).model()
     accuracy = jax.jit(lambda x, y: (model(x).argmax(-1) == y).mean())
     images, labels = _shapes("test", 6000, 500)
     assert accuracy(_down_up(images, 2), labels) >= 0.85
@@ -125,9 +129,9 @@ def test_shapes_classifier_judges_shape_not_sharpness(classifier):
 def test_degrade_blurs_and_noises_but_keeps_the_coarse_image():
     images, _ = _shapes("test", 0, 64)
     key = jax.random.key(0)
-    untouched = train_classifier.degrade(images, key, probability=0.0, block=4)
+    untouched = classifier_lib.degrade(images, key, probability=0.0, block=4)
     np.testing.assert_array_equal(untouched, images)
-    degraded = np.asarray(train_classifier.degrade(images, key, probability=1.0, block=4))
+    degraded = np.asarray(classifier_lib.degrade(images, key, probability=1.0, block=4))
     assert degraded.min() >= 0 and degraded.max() <= 255
     changed = np.abs(degraded - images).reshape(64, -1).mean(1)
     assert (changed > 3).all()  # Every image altered, the fine detail most.
@@ -189,7 +193,7 @@ def test_evaluate_tokenizer(tokenizer_run, classifier, vgg_file, tmp_path):
         assert results[key] == pytest.approx(trained[f"eval/{key}"], rel=1e-5), key
     assert results["num_examples"] == N
     # Independently: reconstruct outside the job, then each metric from its definition.
-    tokenizer = train_tokenizer.load_tokenizer(workdir)
+    tokenizer = TrainedTokenizer.from_workdir(workdir)
     originals, labels = _shapes("test", 0, N)
     model = tokenizer.model()
     recon = to_uint8(jax.jit(lambda x: model(x, train=False)[0])(to_model(originals)))
@@ -198,9 +202,11 @@ def test_evaluate_tokenizer(tokenizer_run, classifier, vgg_file, tmp_path):
     )
     assert results["rfid"] == pytest.approx(expected_fid, rel=1e-3)
     mesh = mesh_lib.make_mesh(config.mesh)
-    lpips_values = evaluate.lpips_apply(vgg_file, "", mesh)(originals, recon)  # Parity: test_lpips.
+    lpips_values = evaluation.lpips_apply(vgg_file, "", mesh)(
+        originals, recon
+    )  # Parity: test_lpips.
     assert results["lpips"] == pytest.approx(lpips_values.mean(), rel=1e-4)
-    net = train_classifier.load_classifier(classifier[0])
+    net = TrainedClassifier.from_workdir(classifier[0]).model()
     apply = jax.jit(lambda x: net.features_and_logits(x))
     on_recon, on_originals = apply(recon), apply(originals)
     accuracy = (np.asarray(on_recon["logits"]).argmax(-1) == labels).mean()

@@ -20,7 +20,6 @@ from PIL import Image
 
 from visual_tokenizers.configs import export_tokens as export_config
 from visual_tokenizers.configs import vq_b16
-from visual_tokenizers.core import trained_tokenizer as tt
 from visual_tokenizers.core.data import builtin as builtin_data
 from visual_tokenizers.core.data.images import to_model, to_uint8
 from visual_tokenizers.core.runtime import checkpoint
@@ -28,7 +27,9 @@ from visual_tokenizers.core.tokens import manifest as token_manifest
 from visual_tokenizers.core.tokens import shards as token_shards
 from visual_tokenizers.core.tokens import stats as token_stats
 from visual_tokenizers.core.tokens.layout import TokenRowLayout, Vocab
-from visual_tokenizers.jobs import export_tokens, train_tokenizer
+from visual_tokenizers.jobs import export_tokens
+from visual_tokenizers.trained import builders
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = 200  # examples exported: 13 batches of 16, 7 shards of <= 32 rows
@@ -55,7 +56,7 @@ def tokenizer_dir(tmp_path_factory):
     """A tiny tokenizer checkpoint, written as a training run writes it (a freshly initialised
     state at step 0: training it first would only make the tests slower)."""
     workdir = str(tmp_path_factory.mktemp("tokenizer"))
-    train_tokenizer.save_untrained(vq_b16.get_config("tiny"), workdir)
+    builders.save_untrained(vq_b16.get_config("tiny"), workdir)
     return workdir
 
 
@@ -74,7 +75,7 @@ def source_images(indices):
 
 @pytest.fixture(scope="module")
 def loaded(tokenizer_dir):
-    return train_tokenizer.load_tokenizer(tokenizer_dir)
+    return TrainedTokenizer.from_workdir(tokenizer_dir)
 
 
 def reference_tokens(loaded, images, params=None):
@@ -260,24 +261,31 @@ def test_decode_mode_equals_tokenizer_decode(tokenizer_dir, loaded, exported):
     assert np.abs(got.astype(int) - want).max() <= 1 and (got == want).mean() > 0.99
 
 
-def test_ema_weights_offset_and_delimiters(tokenizer_dir, loaded, tmp_path, monkeypatch):
+def _with_ema(tokenizer_dir: str, workdir: str, ema_of) -> None:
+    """A copy of the tokenizer checkpoint whose train state also holds EMA weights
+    ema_of(params), as a run with ema_decay > 0 writes them."""
+    step, raw = checkpoint.load_raw(tokenizer_dir)
+    _, config = checkpoint.read_config(tokenizer_dir)
+    ema = jax.tree.map(lambda x: ema_of(np.asarray(x)), raw["params"])
+    mngr = checkpoint.manager(workdir, keep=1, async_save=False)
+    checkpoint.save(mngr, step, {**raw, "ema_params": ema}, config)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def test_ema_weights_offset_and_delimiters(tokenizer_dir, loaded, tmp_path):
     """Given EMA weights, the export uses them; offset and begin/end ids wrap every row."""
-    real = train_tokenizer.load_tokenizer
     ema_params = jax.tree.map(lambda x: x * 0.5 + 0.01, loaded.params)  # encode differently
-
-    def with_ema(*args, **kwargs):
-        restored = real(*args, **kwargs)
-        restored.ema_params = ema_params
-        return restored
-
-    monkeypatch.setattr(train_tokenizer, "load_tokenizer", with_ema)
+    with_ema = str(tmp_path / "tokenizer")
+    _with_ema(tokenizer_dir, with_ema, lambda x: x * 0.5 + 0.01)
     extra = {"data.max_examples": 24, "vocab_offset": 1000, "image_delimiters": True}
-    result = export_tokens.run(export_cfg(tokenizer_dir, **extra), str(tmp_path))
-    manifest = token_manifest.verify(str(tmp_path))
+    out = str(tmp_path / "export")
+    result = export_tokens.run(export_cfg(with_ema, **extra), out)
+    manifest = token_manifest.verify(out)
     assert manifest["tokenizer"]["weights"] == "ema" and result["rows"] == 24
     boi, eoi = manifest["tokens"]["begin_of_image_id"], manifest["tokens"]["end_of_image_id"]
     assert (boi, eoi) == (1256, 1257) and manifest["tokens"]["total_vocab_size"] == 1258
-    rows = _rows_by_key(str(tmp_path))
+    rows = _rows_by_key(out)
     tokens = np.array([rows[f"test/{i:08d}"] for i in range(24)])
     assert (tokens[:, 0] == boi).all() and (tokens[:, -1] == eoi).all()
     images, _ = source_images(range(24))
@@ -287,17 +295,15 @@ def test_ema_weights_offset_and_delimiters(tokenizer_dir, loaded, tmp_path, monk
 
 
 def test_ema_params_are_read_from_a_checkpoint_that_has_them(tokenizer_dir, loaded, tmp_path):
-    assert loaded.ema_params is None  # this run keeps no EMA
-    step, raw = checkpoint.load_raw(tokenizer_dir)
-    _, config = checkpoint.read_config(tokenizer_dir)
+    assert loaded.weights == "params"  # this run keeps no EMA
+    with pytest.raises(checkpoint.CheckpointError, match="keeps no EMA"):
+        TrainedTokenizer.from_workdir(tokenizer_dir, use_ema=True, mesh=loaded.mesh)
+    _with_ema(tokenizer_dir, str(tmp_path), lambda x: x + 1.0)
+    _, raw = checkpoint.load_raw(tokenizer_dir)
     ema = jax.tree.map(lambda x: np.asarray(x) + 1.0, raw["params"])
-    mngr = checkpoint.manager(str(tmp_path), keep=1, async_save=False)
-    checkpoint.save(mngr, step, {**raw, "ema_params": ema}, config)
-    mngr.wait_until_finished()
-    mngr.close()
-    restored = train_tokenizer.load_tokenizer(str(tmp_path), mesh=loaded.shardings.step.mesh)
-    assert tt.restore(str(tmp_path), restored.shardings.step.mesh).weights == "ema"
-    restored = restored.ema_params
+    with_ema = TrainedTokenizer.from_workdir(str(tmp_path), mesh=loaded.mesh)
+    assert with_ema.weights == "ema"  # the default: the EMA when the run kept one
+    restored = with_ema.params
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ema), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(loaded.params), strict=True):

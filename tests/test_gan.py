@@ -17,6 +17,8 @@ from visual_tokenizers.core.runtime import train_state as ts
 from visual_tokenizers.jobs import train_tokenizer
 from visual_tokenizers.models.lpips import LPIPS
 from visual_tokenizers.tokenizers import losses
+from visual_tokenizers.trained import builders
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 
 def gan_config(**loss):
@@ -55,9 +57,9 @@ class Run:
     def __init__(self, config, mesh, lpips=None):
         self.config, self.mesh = config, mesh
         rules = tuple(config.sharding_rules)
-        model_fn = train_tokenizer.model_fn_from_config(config)
-        self.optimizer = train_tokenizer.optimizer_from_config(config)
-        self.disc = train_tokenizer.discriminator_from_config(config)
+        model_fn = builders.model_fn_from_config(config)
+        self.optimizer = builders.optimizer_from_config(config)
+        self.disc = builders.discriminator_from_config(config)
         self.model_def, _, self.shardings = ts.state_shardings(
             model_fn, self.optimizer, mesh, rules, ema=True, discriminator=self.disc
         )
@@ -203,7 +205,7 @@ def test_checkpoint_round_trips_ema_and_discriminator(single, tmp_path):
     checkpoint.save(mngr, STEPS, run.state, CONFIG.to_dict())
     mngr.wait_until_finished()
     _, restored, _ = ts.restore_or_init(
-        train_tokenizer.model_fn_from_config(CONFIG),
+        builders.model_fn_from_config(CONFIG),
         run.optimizer,
         one_device(),
         tuple(CONFIG.sharding_rules),
@@ -214,7 +216,7 @@ def test_checkpoint_round_trips_ema_and_discriminator(single, tmp_path):
     mngr.close()
     for a, b in pairs(run.state, restored):
         np.testing.assert_array_equal(a, b)
-    loaded = train_tokenizer.load_tokenizer(str(tmp_path))
+    loaded = TrainedTokenizer.from_workdir(str(tmp_path))
     assert loaded.ema_params is not None and loaded.step == STEPS
     for a, b in pairs(loaded.ema_params, run.state.ema_params):
         np.testing.assert_array_equal(a, b)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from visual_tokenizers.core import weights
 from visual_tokenizers.core.runtime import mesh as mesh_lib
-from visual_tokenizers.jobs import evaluate
 from visual_tokenizers.models import inception
+from visual_tokenizers.trained import evaluation
 
 SIZES = [(64, 64), (256, 256), (300, 200)]
 
@@ -42,7 +42,7 @@ def test_pool_features_and_logits_match_pytorch_fid(reference):
     """
     state, path, pool_model, full_model = reference
     mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "model": 1})
-    apply, sha = evaluate.inception_apply(path, mesh)
+    apply, sha = evaluation.inception_apply(path, mesh)
     assert sha == weights.sha256_of(path)
     rng = np.random.default_rng(0)
     for size in SIZES:

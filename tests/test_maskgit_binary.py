@@ -7,14 +7,16 @@ import pytest
 from visual_tokenizers.configs import binary_b16, maskgit_binary_b16
 from visual_tokenizers.configs import export_tokens as export_config
 from visual_tokenizers.configs import sample as sample_config
-from visual_tokenizers.jobs import export_tokens, sample, train_maskgit, train_tokenizer
+from visual_tokenizers.jobs import export_tokens, sample, train_maskgit
+from visual_tokenizers.trained import builders
+from visual_tokenizers.trained.maskgit import TrainedMaskGIT
 
 
 def test_binary_tokens_train_factorised_heads_and_sample(tmp_path):
     """configs/maskgit_binary_b16.py:tiny on an 18-bit LFQ tokenizer: export and on-the-fly
     encoding give the same loss, the model has two 9-bit heads, samples decode to images."""
     tokenizer = str(tmp_path / "tokenizer")
-    train_tokenizer.save_untrained(binary_b16.get_config("tiny"), tokenizer)
+    builders.save_untrained(binary_b16.get_config("tiny"), tokenizer)
     export = export_config.get_config("tiny")
     overrides = {"tokenizer.workdir": tokenizer, "data.split": "train", "data.max_examples": 32}
     export.update_from_flattened_dict({**overrides, "data.batch_size": 16})
@@ -38,7 +40,7 @@ def test_binary_tokens_train_factorised_heads_and_sample(tmp_path):
         config.tokens.export_dir = str(tmp_path / "tokens") if source == "export" else ""
         results[source] = train_maskgit.run(config, str(tmp_path / source))
     assert results["export"]["loss"] == pytest.approx(results["encode"]["loss"], rel=1e-5)
-    maskgit = train_maskgit.load_maskgit(str(tmp_path / "export"))
+    maskgit = TrainedMaskGIT.from_workdir(str(tmp_path / "export"))
     assert maskgit.resolved["vocab"]["bits"] == 18
     model = maskgit.model_def.merge(maskgit.params, maskgit.model_state)
     assert model.layout.sizes == (512, 512)

@@ -10,13 +10,14 @@ from visual_tokenizers.configs import vq_b16
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
 from visual_tokenizers.jobs import train_tokenizer
+from visual_tokenizers.trained import builders
 
 
 def _setup(mesh):
     config = vq_b16.get_config("tiny")
     rules = tuple(config.sharding_rules)
-    model_fn = train_tokenizer.model_fn_from_config(config)
-    optimizer = train_tokenizer.optimizer_from_config(config)
+    model_fn = builders.model_fn_from_config(config)
+    optimizer = builders.optimizer_from_config(config)
     model_def, _, shardings = ts.state_shardings(model_fn, optimizer, mesh, rules)
     state = ts.init_state(model_fn, optimizer, shardings)
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}

@@ -16,13 +16,16 @@ from PIL import Image
 from visual_tokenizers.configs import export_tokens as export_config
 from visual_tokenizers.configs import maskgit_b16, vq_b16
 from visual_tokenizers.configs import sample as sample_config
-from visual_tokenizers.core import trained_tokenizer as tt
 from visual_tokenizers.core.evaluation import metrics
 from visual_tokenizers.core.runtime import checkpoint, train_state
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens import batches as tb
 from visual_tokenizers.core.tokens.layout import Vocab
-from visual_tokenizers.jobs import export_tokens, sample, train_maskgit, train_tokenizer
+from visual_tokenizers.jobs import export_tokens, sample, train_maskgit
+from visual_tokenizers.trained import builders
+from visual_tokenizers.trained import maskgit as maskgit_lib
+from visual_tokenizers.trained.maskgit import TrainedMaskGIT
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 NUM = 96  # exported training examples: 6 batches of 16
 
@@ -37,7 +40,7 @@ def _set(config, overrides: dict):
 def tokenizer_dir(tmp_path_factory):
     """A tiny tokenizer checkpoint as a training run writes it (fresh init, step 0)."""
     workdir = str(tmp_path_factory.mktemp("tokenizer"))
-    train_tokenizer.save_untrained(vq_b16.get_config("tiny"), workdir)
+    builders.save_untrained(vq_b16.get_config("tiny"), workdir)
     return workdir
 
 
@@ -102,7 +105,7 @@ def test_training_on_an_export_lowers_the_loss(reference_run, export_dir):
     assert losses[-1] < losses[0] - 0.3, losses  # from ~log(256) = 5.5
     assert 0.0 < lines[-1]["mask_ratio"] < 1.0
     # The model was built from the tokens: vocab, grid and classes saved with the checkpoint.
-    loaded = train_maskgit.load_maskgit(workdir)
+    loaded = TrainedMaskGIT.from_workdir(workdir)
     assert loaded.step == 16
     assert loaded.resolved["vocab"]["size"] == 256 and loaded.resolved["token_shape"] == [8, 8]
     assert loaded.resolved["num_classes"] == 10 and loaded.model().num_classes == 10
@@ -115,7 +118,7 @@ def test_export_rows_undo_the_offset_and_sort_by_key(export_dir, tokenizer_dir):
     exported = tb.load_export(export_dir)
     assert exported.keys == [f"train/{i:08d}" for i in range(NUM)]
     assert exported.indices.shape == (NUM, 8, 8) and exported.indices.max() < 256
-    tok = train_tokenizer.load_tokenizer(tokenizer_dir)
+    tok = TrainedTokenizer.from_workdir(tokenizer_dir)
     from visual_tokenizers.core.data import builtin as builtin_data
     from visual_tokenizers.core.data.images import to_model
 
@@ -168,8 +171,8 @@ def test_encoding_on_the_fly_gives_the_export_tokens(
         start_step=3,
     )
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    tok = tt.restore(tokenizer_dir, mesh)
-    encode, _ = tt.compile_encode(tok, mesh, 16, 32)
+    tok = TrainedTokenizer.from_workdir(tokenizer_dir, mesh=mesh)
+    encode, _ = tok.compile_encode(16, 32)
     for _ in range(2):  # steps 3 and 4 (crossing into the second epoch of 6 batches)
         a, b = next(from_export), next(images)
         batch = mesh_lib.host_batch_to_global({"image": b["image"]}, mesh)
@@ -187,7 +190,7 @@ def test_encoding_on_the_fly_gives_the_export_tokens(
     }
     workdir = str(tmp_path)
     train_maskgit.run(mg_config(**overrides), workdir)
-    assert train_maskgit.load_maskgit(workdir).resolved["tokens"] == "encode:builtin:shapes:train"
+    assert TrainedMaskGIT.from_workdir(workdir).resolved["tokens"] == "encode:builtin:shapes:train"
     _, a = _params(workdir)
     _, b = _params(reference_run[0], step=8)
     for x, y in zip(a, b, strict=True):
@@ -227,9 +230,9 @@ def test_sample_job_writes_adm_samples_of_the_model(reference_run, tokenizer_dir
     assert record["maskgit"]["step"] == 16 and record["tokenizer"]["step"] == 0
     assert not os.path.exists(os.path.join(out, sample.PARTS))
     # The samples are the model's: batch b = sample(labels, fold_in(key(seed), b)), decoded.
-    maskgit = train_maskgit.load_maskgit(reference_run[0])
-    tok = train_tokenizer.load_tokenizer(tokenizer_dir)
-    options = sample.sample_options(config)
+    maskgit = TrainedMaskGIT.from_workdir(reference_run[0])
+    tok = TrainedTokenizer.from_workdir(tokenizer_dir)
+    options = maskgit_lib.sample_options(config)
 
     @jax.jit
     def generate(mg_params, tok_params, labels, rng):
@@ -265,7 +268,7 @@ def test_sample_job_resumes_from_finished_batches(reference_run, tmp_path, monke
     monkeypatch.setattr(sample.Generator, "create", classmethod(lambda cls, *a, **k: Fake()))
     config = _sample_cfg(reference_run[0], num_samples=20, batch_size=8)
     out = str(tmp_path)
-    spec = sample._spec(config, train_maskgit.load_maskgit(reference_run[0]), [1, 3])
+    spec = sample._spec(config, TrainedMaskGIT.from_workdir(reference_run[0]), [1, 3])
     parts = sample._parts_dir(out, spec)
     for b in range(2):  # what the killed run left: two finished batches (marked with 7s)
         sample._save_part(sample._part(parts, b), np.full((8, 32, 32, 3), 7, np.uint8), [1, 3] * 4)
@@ -287,7 +290,7 @@ def test_sharded_train_step_equals_single_device():
         "num_classes": 5,
     }
     config.resolved = resolved
-    model_fn = train_maskgit.model_fn_from_config(config)
+    model_fn = maskgit_lib.model_fn_from_config(config)
     # Plain SGD: the update is linear in the gradient, so reduction-order differences stay
     # small (Adam's first step is lr * sign(g) and amplifies them for near-zero gradients).
     optimizer, lr_fn = optax.sgd(0.5), lambda step: 0.5
@@ -359,7 +362,7 @@ def test_configs_follow_the_official_maskgit_recipe():
     )
     assert config.data.batch_size == 256 and config.loss.label_smoothing == 0.1
     assert config.loss.mask_schedule == "cosine"
-    options = sample.sample_options(sample_config.get_config())
+    options = maskgit_lib.sample_options(sample_config.get_config())
     assert options["steps"] == 8 and options["choice_temperature"] == 4.5
     assert options["guidance_scale"] is None  # the original MaskGIT samples without guidance
     binary = maskgit_binary_b16.get_config()

@@ -207,10 +207,10 @@ def test_two_processes_train_like_one(reference_run, tmp_path):
 
 
 def test_load_tokenizer_restores_the_trained_model(reference_run):
-    from visual_tokenizers.jobs.train_tokenizer import load_tokenizer
+    from visual_tokenizers.trained import TrainedTokenizer
 
     workdir = reference_run[0]
-    loaded = load_tokenizer(workdir)
+    loaded = TrainedTokenizer.from_workdir(workdir)
     assert loaded.step == 12 and loaded.config.num_steps == 12
     _, saved = final_params(workdir)
     for a, b in zip(jax.tree.leaves(loaded.params), saved, strict=True):
@@ -229,10 +229,10 @@ def test_checkpoint_restores_onto_another_mesh(reference_run):
     from jax.sharding import PartitionSpec as P
 
     from visual_tokenizers.core.runtime import mesh as mesh_lib
-    from visual_tokenizers.jobs.train_tokenizer import load_tokenizer
+    from visual_tokenizers.trained import TrainedTokenizer
 
     mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "model": 1})
-    loaded = load_tokenizer(reference_run[0], mesh=mesh)
+    loaded = TrainedTokenizer.from_workdir(reference_run[0], mesh=mesh)
     kernel = loaded.params["encoder"]["transformer"]["blocks"][0]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.mesh.shape == mesh.shape and kernel.sharding.spec == P("fsdp", None)
     _, saved = final_params(reference_run[0])

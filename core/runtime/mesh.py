@@ -218,3 +218,11 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
         key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), value)
         for key, value in batch.items()
     }
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in process-local order."""
+    parts = {}
+    for shard in array.addressable_shards:  # Replicas (model axis) share a start: keep one.
+        parts.setdefault(shard.index[0].start or 0, shard)
+    return np.concatenate([np.asarray(parts[k].data) for k in sorted(parts)])
