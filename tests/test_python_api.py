@@ -110,7 +110,7 @@ def test_wrong_input_raises_one_clear_error(tok):
     with pytest.raises(InputError, match="outside the tokenizer's vocabulary"):
         tok.decode(indices + tok.vocab.size)
     with pytest.raises(InputError, match="outside the tokenizer's vocabulary"):
-        tok.decode(indices - 1)
+        tok.decode(np.full_like(indices, -1))
     with pytest.raises(InputError, match=r"indices must be \[batch, 8, 8\]"):
         tok.decode(indices[:, :4])
     with pytest.raises(InputError, match=f"multiple of {parallel}"):
