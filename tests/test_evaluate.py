@@ -69,7 +69,7 @@ def stand_in_inception_apply(path, mesh):
 @pytest.fixture(scope="module", autouse=True)
 def stand_in_inception():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate, "inception_apply", stand_in_inception_apply)
+        patch.setattr(evaluation, "inception_apply", stand_in_inception_apply)
         yield
 
 
