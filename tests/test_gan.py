@@ -216,9 +216,9 @@ def test_checkpoint_round_trips_ema_and_discriminator(single, tmp_path):
     mngr.close()
     for a, b in pairs(run.state, restored):
         np.testing.assert_array_equal(a, b)
-    loaded = TrainedTokenizer.from_workdir(str(tmp_path))
-    assert loaded.ema_params is not None and loaded.step == STEPS
-    for a, b in pairs(loaded.ema_params, run.state.ema_params):
+    loaded = TrainedTokenizer.from_workdir(str(tmp_path))  # the EMA: the run kept one
+    assert loaded.weights == "ema" and loaded.step == STEPS
+    for a, b in pairs(loaded.params, run.state.ema_params):
         np.testing.assert_array_equal(a, b)
 
 
