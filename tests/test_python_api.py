@@ -39,13 +39,14 @@ def runs(tmp_path_factory):
     try:
         builders.save_untrained(vq_b16.get_config("tiny"), "runs/vq_tiny")
         export = export_config.get_config("tiny")
-        export.update(max_examples=128, batch_size=32, rows_per_shard=64)
+        export.data.update(max_examples=128, batch_size=32)
+        export.rows_per_shard = 64
         export_tokens.run(export, "runs/vq_tiny_tokens")
         maskgit = maskgit_b16.get_config("tiny")
         maskgit.tokens.export_dir = "runs/vq_tiny_tokens"
         maskgit.update(num_steps=2, log_every=1, checkpoint_every=2)
         maskgit.model.update(width=32, depth=1, heads=2, mlp_dim=64)
-        maskgit.data.global_batch_size = 16
+        maskgit.data.batch_size = 16
         train_maskgit.run(maskgit, "runs/maskgit_tiny")
         yield str(root)
     finally:
