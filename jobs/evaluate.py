@@ -6,7 +6,7 @@ config.mode = 'samples': an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels) -> g
   inception_score, precision, recall (+ shapes_accuracy, shapes_fd) against a reference npz (mu,
   sigma and/or arr_0 images) or the cached statistics of a data source.
 Results go to WORKDIR/metrics.json and the console. The networks (FID Inception, LPIPS, shapes
-classifier) run jitted with the batch sharded over the mesh (core.metrics.ShardedApply).
+classifier) run jitted with the batch sharded over the mesh (core.evaluation.metrics.ShardedApply).
 """
 
 from __future__ import annotations

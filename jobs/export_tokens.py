@@ -14,7 +14,7 @@
 
 Scale: batches are sharded over the mesh ('data', 'fsdp'); every process encodes its slice of
 each global batch and writes its own shards (`<split>-p<process>-<shard>.parquet`). While the
-device encodes batch b, core.data's threads decode the next images, the host turns batch b-1
+device encodes batch b, core/data's threads decode the next images, the host turns batch b-1
 into rows and a writer thread writes finished shards. Process 0 writes the manifest after a
 sync; it reads every shard, so the output directory must be shared by all hosts.
 
@@ -181,7 +181,7 @@ def export(config, workdir: str) -> dict:
 
 
 def _iterator(config, source, image_size: int, plan, start_step: int) -> data.BatchIterator:
-    """This process's eval-order batches from `start_step` (core.data's decode threads)."""
+    """This process's eval-order batches from `start_step` (core/data's decode threads)."""
     return data.BatchIterator(
         source,
         image_size=image_size,
@@ -306,7 +306,7 @@ def describe(config, tok, source, plan, layout, image_size: int, key_text: str):
         "preprocessing": {
             "image_size": image_size,
             "resize": "shorter side to image_size (BOX halving while >= 2x, then BICUBIC), "
-            "centre crop (core.data.preprocess, eval mode)",
+            "centre crop (core.data.decoding.preprocess, eval mode)",
             "model_input": "RGB uint8 -> float32 x / 127.5 - 1",
         },
         "source": {

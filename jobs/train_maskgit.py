@@ -3,14 +3,14 @@
 Tokens come from a finished export (`config.tokens.export_dir`, jobs/export_tokens.py) or, when
 that is empty, are encoded on the fly by the tokenizer trained in `config.tokenizer.workdir`
 (its EMA weights when it kept them) over `config.data`. Both paths draw the same examples in the
-same order (core/token_batches.py) and a resumed run sees exactly the batches it would have
+same order (core/tokens/batches.py) and a resumed run sees exactly the batches it would have
 seen. The vocabulary, token grid and class count come from the tokenizer (the manifest or the
 restored run) and are saved with every checkpoint under `config.resolved`, so
 `TrainedMaskGIT.from_workdir` (trained/maskgit.py) rebuilds the model without the tokens.
 
 The step is masked-token prediction (`MaskGIT.loss`: mask schedule, label smoothing, class
-dropout for classifier-free guidance) under AdamW, on the shared loop (core/loop.py): logging,
-checkpoints, SIGTERM and the NaN guard. `config.sample.every > 0` adds PNG grids of samples
+dropout for classifier-free guidance) under AdamW, on the shared loop (core/runtime/loop.py):
+logging, checkpoints, SIGTERM and the NaN guard. `config.sample.every > 0` adds PNG grids of samples
 (one row per class) under WORKDIR/images.
 """
 

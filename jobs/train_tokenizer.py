@@ -1,8 +1,8 @@
 """Train a tokenizer (encoder -> quantizer -> decoder) on reconstruction + quantizer losses.
 
 run(config, workdir) builds the model from the config, resumes or initialises it on the mesh,
-runs the shared loop (core/loop.py) and ends with a held-out evaluation: PSNR, SSIM and codebook
-usage, plus a PNG grid of originals over reconstructions under WORKDIR/images.
+runs the shared loop (core/runtime/loop.py) and ends with a held-out evaluation: PSNR, SSIM and
+codebook usage, plus a PNG grid of originals over reconstructions under WORKDIR/images.
 """
 
 from __future__ import annotations

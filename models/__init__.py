@@ -2,5 +2,6 @@
 
 from flax import nnx
 
-# See tokenizers/__init__.py: sharding comes from logical axis names, applied by core/mesh.py.
+# See tokenizers/__init__.py: sharding comes from logical axis names, applied by
+# core/runtime/mesh.py.
 nnx.use_eager_sharding(False)

@@ -331,7 +331,7 @@ class MaskGIT(nnx.Module):
 def make_sampler(graphdef, *, mesh=None, **sample_options) -> Callable:
     """jit of `MaskGIT.sample` as a pure function over the split model.
 
-    graphdef: from `nnx.split(model, nnx.Param, ...)` (core/train_state.py split_model) or a
+    graphdef: from `nnx.split(model, nnx.Param, ...)` (core/runtime/train_state.py split_model) or a
     `ModelDef`. sample_options: `steps` and the keyword options of `MaskGIT.sample` (static).
     Returns fn(params, model_state, labels, rng, tokens=None, generate=None) -> tokens. With a
     mesh, labels/tokens/generate and the output are sharded over ('data', 'fsdp') (batch a

@@ -1,4 +1,4 @@
-"""Tests for core/data.py, data_tfds.py and builtin_data.py: order, resume, sharding, sources."""
+"""Tests for core/data/ (pipeline, sources, tfds, builtin): order, resume, sharding, sources."""
 
 import logging
 import os

@@ -1,10 +1,10 @@
-"""Image data for every job: the batch iterator over sources (core/sources.py picks them).
+"""Image data for every job: the batch iterator over sources (core/data/sources.py picks them).
 
 Specs:
   tfds:NAME[:SPLIT]   a prepared TFDS image dataset ('image', optional 'label'); never downloads.
   folder:PATH         JPEG/PNG/WebP files under PATH; class = top-level subfolder (else 0).
                       If PATH/<split> is a directory it is used for that split.
-  builtin:shapes      procedurally drawn labelled shapes (core/builtin_data.py).
+  builtin:shapes      procedurally drawn labelled shapes (core/data/builtin.py).
   builtin:shapes_plain  the same classes, larger, upright, flat backgrounds (the demo's data).
   builtin:photos      random crops of the photographs bundled with scikit-image.
 
@@ -12,7 +12,7 @@ Specs:
 for this process. Train order is a pure function of (seed, epoch); augmentation of
 (seed, epoch, index); so global batches do not depend on the process count and
 `start_step=k` resumes exactly without reading skipped data. TFDS datasets stored as
-TFRecord (no random access) are the one exception; see `TfdsStream` in core/data_tfds.py.
+TFRecord (no random access) are the one exception; see `TfdsStream` in core/data/tfds.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""TFDS sources for core.data's `tfds:NAME[:SPLIT]` specs (see core/data.py).
+"""TFDS sources for `tfds:NAME[:SPLIT]` specs (core/data/sources.py opens them).
 
 A prepared split stored as ArrayRecord/Parquet becomes a random-access `TfdsSource` that
-follows core.data's exact, process-count-independent order; one stored as TFRecord becomes
+follows core/data's exact, process-count-independent order; one stored as TFRecord becomes
 a sequential `TfdsStream`. TensorFlow and TFDS are imported only when a tfds: spec is opened,
-and nothing is ever downloaded. This module imports core.data, which imports it lazily.
+and nothing is ever downloaded. Built on decoding.py; sources.py opens it.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class TfdsStream(_DecodingSource):
     the exact, process-count-independent scheme.
     """
 
-    streaming = True  # Tells core.data.BatchIterator to call examples(), not load().
+    streaming = True  # Tells core.data.pipeline.BatchIterator to call examples(), not load().
 
     def __init__(self, builder, split: str, num_classes: int, tfds):
         super().__init__()

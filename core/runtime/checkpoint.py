@@ -1,8 +1,8 @@
 """Orbax checkpoints under WORKDIR/checkpoints: train state plus the config that made it.
 
-Resume order (see `restore_or_init` in core/train_state.py): the workdir's latest checkpoint,
-then `config.init_from`, then a fresh init. Restoring takes an abstract target whose leaves carry
-the current run's shardings, so a checkpoint written on one mesh loads onto another.
+Resume order (see `restore_or_init` in core/runtime/train_state.py): the workdir's latest
+checkpoint, then `config.init_from`, then a fresh init. Restoring takes an abstract target whose
+leaves carry the current run's shardings, so a checkpoint written on one mesh loads onto another.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from visual_tokenizers.core.tokens import manifest as manifest_lib
 from visual_tokenizers.core.tokens import shards as shards_lib
 from visual_tokenizers.core.tokens.layout import TokenRowLayout, Vocab
 
-_TOKEN_PERM_TAG = 0x70CE  # permutation seeds of token batches (disjoint from core.data's)
+_TOKEN_PERM_TAG = 0x70CE  # permutation seeds of token batches (disjoint from core/data's)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -198,8 +198,8 @@ class _EpochView:
 class EncodeBatches:
     """Host batches {'image' uint8, 'label'} in the export path's order, from `start_step`.
 
-    Images are preprocessed as for evaluation and export (core.data: shorter side resized,
-    centre crop), decoded by core.data's threads; unreadable images are replaced by readable
+    Images are preprocessed as for evaluation and export (core/data: shorter side resized,
+    centre crop), decoded by core/data's threads; unreadable images are replaced by readable
     ones of the same batch.
     """
 

@@ -102,7 +102,7 @@ def read_shard(path: str) -> tuple[list[str], np.ndarray | None, np.ndarray]:
 class Plan:
     """Which examples go into which shard; the same on every process and every rerun.
 
-    Global batch b of the source's eval order (core.data.batches) holds examples
+    Global batch b of the source's eval order (core.data.pipeline.batches) holds examples
     [b*GB, (b+1)*GB); process p encodes rows [p*LB, (p+1)*LB) of it, and its shard s holds
     batches [s*k, (s+1)*k) with k = batches_per_shard. Streams (TFRecord TFDS) are split
     between processes first: there row j of batch b of process p is position b*LB + j of
