@@ -17,7 +17,6 @@ logging, checkpoints, SIGTERM and the NaN guard. `config.sample.every > 0` adds 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from visual_tokenizers.core import files
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.data.images import save_grid
 from visual_tokenizers.core.runtime import checkpoint, optim
@@ -196,13 +196,13 @@ def _check_resume(workdir: str, resolved: dict) -> None:
         return  # nothing to resume
     old = saved.get("resolved") or {}
     keys = ("vocab", "token_shape", "num_classes")
-    differ = [k for k in keys if _plain(old.get(k)) != _plain(resolved[k])]
-    if differ:
-        detail = "; ".join(f"{k}: was {old.get(k)}, now {resolved[k]}" for k in differ)
-        raise checkpoint.CheckpointError(
-            f"{workdir} holds a MaskGIT trained on other tokens (step {step}: {detail}). Use the "
-            "tokens it was trained on, or a fresh --workdir."
-        )
+    files.refuse_other_settings(
+        {k: old.get(k) for k in keys},
+        {k: resolved[k] for k in keys},
+        what=f"{workdir} holds a MaskGIT (step {step}) trained on tokens",
+        fix="Use the tokens it was trained on, or a fresh --workdir.",
+        error=checkpoint.CheckpointError,
+    )
     if (
         old.get("num_examples") != resolved["num_examples"]
         or old.get("tokens") != resolved["tokens"]
@@ -214,11 +214,6 @@ def _check_resume(workdir: str, resolved: dict) -> None:
             old.get("tokens"),
             old.get("num_examples"),
         )
-
-
-def _plain(x):
-    """JSON round trip: tuples become lists, so saved and fresh values compare equal."""
-    return json.loads(json.dumps(x))
 
 
 def host_batches(config, tokens: Tokens, start_step: int):

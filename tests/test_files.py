@@ -1,4 +1,5 @@
-"""core/files.py: atomic writes and the check that refuses a rerun with other settings."""
+"""core/files.py: atomic writes and the check that refuses a rerun with other settings (used by
+the export, sample, demo and MaskGIT training jobs)."""
 
 import fnmatch
 import glob
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from visual_tokenizers.core import files
+from visual_tokenizers.core.runtime import checkpoint
+from visual_tokenizers.jobs import train_maskgit
 
 
 def test_atomic_write_renames_only_a_complete_file(tmp_path):
@@ -77,3 +80,14 @@ def test_settings_are_recorded_once_then_checked(tmp_path):
     files.check_or_record_settings(path, {"n": 1}, what="w", fix="f")  # the same: accepted
     with pytest.raises(ValueError, match="n: was 1, now 2"):
         files.check_or_record_settings(path, {"n": 2}, what="w", fix="f")
+
+
+def test_maskgit_resume_on_other_tokens_is_refused(monkeypatch, tmp_path):
+    """A MaskGIT workdir trained on one vocabulary refuses to resume on another, naming it."""
+    saved = {"vocab": {"size": 256, "bits": None, "groups": None}, "token_shape": [8, 8]}
+    saved |= {"num_classes": 10, "tokens": "export:a", "num_examples": 100}
+    monkeypatch.setattr(checkpoint, "read_config", lambda workdir: (7, {"resolved": saved}))
+    train_maskgit._check_resume(str(tmp_path), dict(saved))  # the same tokens: resumes
+    other = {**saved, "vocab": {"size": 1024, "bits": None, "groups": None}}
+    with pytest.raises(checkpoint.CheckpointError, match=r"vocab.size: was 256, now 1024"):
+        train_maskgit._check_resume(str(tmp_path), other)
