@@ -65,9 +65,9 @@ def lfq_recipe(config: ConfigDict) -> None:
 
 
 def bsq_recipe(config: ConfigDict) -> None:
-    """BSQ-ViT's 18-bit recipe (REFERENCES.md): 0.1 LPIPS, 0.1 StyleGAN adversarial loss, R1
-    every 16 steps, AdamW(0.9, 0.99) with weight decay 1e-4. [?] BSQ does not state its R1 cost
-    here: MaskGIT's 10 is used."""
+    """BSQ-ViT's 18-bit recipe (Zhao et al. 2024; zhaoyue-zephyrus/bsq-vit): 0.1 LPIPS, 0.1
+    StyleGAN adversarial loss, R1 every 16 steps, AdamW(0.9, 0.99) with weight decay 1e-4. [?]
+    BSQ does not state its R1 cost here: MaskGIT's 10 is used."""
     config.loss.update(perceptual_weight=0.1, adversarial_weight=0.1, r1_cost=10.0, r1_every=16)
     adamw = dict(name="adamw", b1=0.9, b2=0.99, weight_decay=1e-4)
     config.optimizer.update(adamw)

@@ -34,7 +34,7 @@ def get_config(arg=None):
             ),
             decoder=dict(
                 pixel=dict(VIT_B16),
-                # TokenFlow: a 3-layer ViT semantic decoder (REFERENCES.md); ViT-B width.
+                # TokenFlow (Qu et al. 2024): a 3-layer ViT semantic decoder; ViT-B width.
                 semantic=dict(width=768, depth=3, heads=12, mlp_dim=3072),
                 # 'pixel': the pixel decoder reads the pixel codes only (this codebase's default);
                 # 'both': semantic and pixel codes concatenated.
@@ -67,7 +67,7 @@ def get_config(arg=None):
             init_semantic_encoder=True,  # TokenFlow: the semantic encoder starts from the teacher
         )
     )
-    # Pixel branch: VQGAN losses, L2 + LPIPS + GAN (TokenFlow; REFERENCES.md). The weights are
+    # Pixel branch: VQGAN losses, L2 + LPIPS + GAN (TokenFlow, Qu et al. 2024). The weights are
     # LlamaGen's VQ recipe, as configs/vq_b16.py (whose comments cite LlamaGen's flags).
     config.loss.update(
         l2_weight=1.0,

@@ -1,8 +1,8 @@
 """Class-conditional MaskGIT on the 16x16 tokens of configs/vq_b16.py (jobs/train_maskgit.py).
 
 Values follow the official `maskgit_class_cond_config` (PyPI package `maskgit`,
-maskgit/configs/maskgit_class_cond_config.py, and its base_config); see REFERENCES.md
-"MaskGIT transformer".
+maskgit/configs/maskgit_class_cond_config.py, and its base_config) and the MaskGIT paper
+(Chang et al., CVPR 2022).
 
   # tokens exported by jobs/export_tokens.py from a configs/vq_b16.py run:
   python run.py --config=configs/maskgit_b16.py --workdir=DIR --config.tokens.export_dir=TOKENS
@@ -21,7 +21,7 @@ from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 def sampling(**overrides) -> dict:
     """MaskGIT.sample options; also the settings of configs/sample.py."""
     options = dict(
-        steps=8,  # REFERENCES: T = 8 at 256x256 (MaskGIT paper, Table 1)
+        steps=8,  # T = 8 at 256x256 (MaskGIT paper, Table 1)
         temperature=1.0,  # categorical sampling at the model's logits (official decode)
         top_k=0,  # 0: all tokens (the official decode has no top-k)
         choice_temperature=4.5,  # sample_choice_temperature
