@@ -31,17 +31,18 @@ import ml_dtypes
 import numpy as np
 
 from visual_tokenizers.core import files
+from visual_tokenizers.core.errors import UserError
 
 CACHE_ENV = "TOKENIZERS_CACHE"
 OFFLINE_ENV = "TOKENIZERS_OFFLINE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "visual-tokenizers")
 
 
-class WeightsUnavailable(FileNotFoundError):
+class WeightsUnavailable(UserError, FileNotFoundError):
     """A weights file is missing and could not be downloaded; the message says where to put it."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(UserError, pickle.UnpicklingError):
     """A .pth file asked for a global that a plain tensor state dict never needs."""
 
 

@@ -40,11 +40,13 @@ import jax
 import numpy as np
 import scipy.ndimage
 
+from visual_tokenizers.core.errors import UserError
+
 _ATTN = "MultiHeadDotProductAttention_0"
 TRUNK_PARTS = ("patch_embed", "transformer")  # the ViTEncoder parts a teacher file provides
 
 
-class TeacherWeightsError(ValueError):
+class TeacherWeightsError(UserError, ValueError):
     """The teacher weights are missing or do not fit the model; the message says what to fix."""
 
 

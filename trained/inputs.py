@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from visual_tokenizers.core.data.decoding import preprocess
+from visual_tokenizers.core.errors import UserError
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens.layout import Vocab
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Images or indices the API cannot take; the message says how to fix them."""
 
 

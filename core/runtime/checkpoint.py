@@ -14,8 +14,10 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from visual_tokenizers.core.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but cannot be used with this run."""
 
 

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from visual_tokenizers.core import files
+from visual_tokenizers.core.errors import UserError
 from visual_tokenizers.core.tokens import shards as shards_lib
 from visual_tokenizers.core.tokens import stats as token_stats
 from visual_tokenizers.core.tokens.layout import TokenRowLayout
@@ -28,7 +29,7 @@ PLOT = "rank_frequency.png"
 FORMAT = "visual-tokens/1"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export directory that cannot be resumed, or shards that do not add up."""
 
 
