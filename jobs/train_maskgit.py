@@ -78,7 +78,7 @@ def optimizer_from_config(config):
 
 
 def make_train_step(model_def: ts.ModelDef, optimizer, lr_fn, *, seed: int, loss: dict):
-    """step(state, {'tokens', 'label'}) -> (state, {loss, accuracy, mask_ratio, lr}).
+    """step(state, {'tokens', 'label'}) -> (state, {loss, accuracy, mask_ratio, lr, grad_norm}).
 
     Masking, class dropout and dropout draw from key(seed) folded with the step.
     """
@@ -105,7 +105,7 @@ def make_train_step(model_def: ts.ModelDef, optimizer, lr_fn, *, seed: int, loss
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         params, opt_state = ts.apply_gradients(optimizer, state, grads)
-        metrics = {**metrics, "lr": lr_fn(state.step)}
+        metrics = {**metrics, "lr": lr_fn(state.step), "grad_norm": optax.global_norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

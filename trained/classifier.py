@@ -107,7 +107,8 @@ def make_train_step(model_def: ts.ModelDef, optimizer, augment=None):
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
         )
-        return new_state, {"loss": loss, "train_accuracy": accuracy}
+        logged = {"loss": loss, "train_accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+        return new_state, logged
 
     return train_step
 

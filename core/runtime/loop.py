@@ -2,7 +2,9 @@
 
 A job supplies a jitted `step(state, batch) -> (state, metrics)`, a host batch iterator and an
 optional `evaluate(state, step) -> dict`. The loop owns step timing, logging (console,
-TensorBoard, metrics.jsonl), checkpoint cadence, SIGTERM handling and the NaN guard.
+TensorBoard, metrics.jsonl), checkpoint cadence, SIGTERM handling and the NaN guard (losses,
+gradient norm and the updated state are checked before any save: a non-finite state is never
+written).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from visual_tokenizers.core.runtime import checkpoint
@@ -23,7 +26,8 @@ from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+    """A loss, the gradient norm or the updated weights became NaN or inf; the run stops
+    without saving that state (run.py exits with EXIT_NON_FINITE)."""
 
 
 class MetricWriter:
@@ -95,16 +99,57 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def _check_finite(history: list[tuple[int, dict]], last_saved: int | None, ckpt_dir: str):
-    for step, metrics in history:
-        bad = [k for k, v in metrics.items() if k.startswith("loss") and not np.isfinite(v)]
-        if bad:
-            kept = f"step {last_saved} in {ckpt_dir}" if last_saved is not None else "none yet"
-            raise NonFiniteLossError(
-                f"{', '.join(bad)} became {metrics[bad[0]]} at step {step}. Last good "
-                f"checkpoint: {kept} (kept; a rerun resumes from it). Lower the learning rate, "
-                "enable gradient clipping or check the input data."
-            )
+def _is_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+@jax.jit
+def _non_finite_arrays(state) -> jax.Array:
+    """Per floating-point array of `state` (weights, EMA, optimizer moments, ...): True where
+    it holds a NaN or inf. One fused pass over the state, dispatched after every step."""
+    flags = [~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state) if _is_float(x)]
+    return jnp.stack(flags) if flags else jnp.zeros((0,), bool)
+
+
+def _float_array_names(state) -> list[str]:
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return [jax.tree_util.keystr(path) for path, x in leaves if _is_float(x)]
+
+
+def _step_problem(metrics: dict, non_finite, names: list[str]) -> str | None:
+    """What went non-finite at one step (its losses, gradient norm or updated state), or None."""
+    watched = [k for k in metrics if k.startswith("loss") or k == "grad_norm"]
+    bad = [f"{k} = {float(metrics[k])}" for k in watched if not np.isfinite(metrics[k])]
+    count = int(np.sum(non_finite))
+    if count:
+        first = names[int(np.argmax(non_finite))] if names else "?"
+        bad.append(f"{count} of {len(non_finite)} state arrays non-finite after the update")
+        bad[-1] += f" (first: {first})"
+    return "; ".join(bad) or None
+
+
+def check_finite(history: list[tuple], last_saved: int | None, ckpt_dir: str, state) -> None:
+    """Raises NonFiniteLossError at the first step of `history` ((step, metrics, non-finite
+    flags) fetched to the host) whose loss, gradient norm or updated state is not finite.
+
+    Runs before every save, so a checkpoint is only written when every step since the last
+    one was finite: the last checkpoint is always a finite one."""
+    names = None
+    for step, metrics, non_finite in history:
+        names = names if names is not None else _float_array_names(state)
+        problem = _step_problem(metrics, non_finite, names)
+        if problem is None:
+            continue
+        if last_saved is not None:
+            kept = f"The last checkpoint, step {last_saved} in {ckpt_dir}, is finite and kept"
+            kept += "; rerunning the command resumes from it."
+        else:
+            kept = "No checkpoint was written yet; rerunning the command starts from scratch."
+        raise NonFiniteLossError(
+            f"training diverged at step {step}: {problem}. The weights after step {step - 1} "
+            f"were the last finite ones. {kept} Lower optimizer.lr, enable "
+            "optimizer.grad_clip_norm or check the input data."
+        )
 
 
 def cadence(config) -> dict:
@@ -134,7 +179,7 @@ def train(
 ):
     """Runs steps until `num_steps`; returns (state, last logged metrics, stopped_early)."""
     step = int(state.step)
-    history: list[tuple[int, jax.Array]] = []
+    history: list[tuple] = []  # (step, metrics, non-finite flags), on device
     last_metrics: dict = {}
     last_saved = ckpt_manager.latest_step()
     timer_step, timer_start = step, time.perf_counter()
@@ -145,13 +190,13 @@ def train(
             batch = mesh_lib.host_batch_to_global(next(batches), mesh)
             state, metrics = step_fn(state, batch)
             step += 1
-            history.append((step, metrics))
+            history.append((step, metrics, _non_finite_arrays(state)))
             stop = preemption.requested or ckpt_manager.reached_preemption(step)
             save = step % checkpoint_every == 0 or step == num_steps or stop
             if step % log_every == 0 or save:
-                fetched = [(s, jax.device_get(m)) for s, m in history]
+                fetched = jax.device_get(history)
                 history.clear()
-                _check_finite(fetched, last_saved, str(ckpt_manager.directory))
+                check_finite(fetched, last_saved, str(ckpt_manager.directory), state)
                 last_metrics = _mean_metrics(fetched)
                 rate = (step - timer_step) / (time.perf_counter() - timer_start)
                 timer_step, timer_start = step, time.perf_counter()
@@ -171,4 +216,4 @@ def train(
 
 def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
     keys = history[-1][1].keys()
-    return {k: float(np.mean([m[k] for _, m in history])) for k in keys}
+    return {k: float(np.mean([m[k] for _, m, _ in history])) for k in keys}
