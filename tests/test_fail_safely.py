@@ -7,10 +7,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from test_train_run import tiny_config
 
 from visual_tokenizers.core.runtime import checkpoint, loop
 from visual_tokenizers.jobs import train_tokenizer
-from test_train_run import tiny_config
 
 
 @pytest.fixture(scope="module")
