@@ -4,6 +4,11 @@ Parses flags, sets up logging and multi-host JAX, writes the resolved config to
 WORKDIR/config.json and runs the job named by `config.job`. `--print_config` prints the
 resolved config (after overrides) and exits. An override of a key from the old vocabulary
 (configs/common.py RENAMED) fails with the key's new name.
+
+Exit codes (core/errors.py): 0 finished; 1 unexpected error (a bug: traceback printed);
+2 an error the user fixes (config, data, weights, workdir, checkpoint: one or two lines, the
+traceback only with --verbose); 3 training diverged (NaN/inf; the last checkpoint is finite);
+75 preempted (SIGTERM: a checkpoint was saved; rerunning the same command resumes).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from visual_tokenizers.configs import common as configs_common  # noqa: E402
+from visual_tokenizers.core import errors  # noqa: E402
 
 # config.job -> module under jobs/ exposing run(config, workdir) -> dict.
 JOBS = {
@@ -49,6 +55,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config as JSON and exit (no --workdir needed)."
 )
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "On an error you can fix (config, data, weights...), show the traceback too."
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs started by hand."
 )
@@ -64,7 +73,7 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 def job_module(name: str):
     if name not in JOBS:
-        raise SystemExit(f"config.job={name!r} is unknown; choose one of {sorted(JOBS)}")
+        raise errors.ConfigError(f"config.job={name!r} is unknown; choose one of {sorted(JOBS)}")
     return importlib.import_module(JOBS[name])
 
 
@@ -114,7 +123,34 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as err:  # An override of a key the config lacks.
-        raise SystemExit(override_error(argv, err)) from None
+        _fail(override_error(argv, err))
+    except (flags.Error, OSError) as err:  # A config file that fails to load, a bad value.
+        _fail(f"{_first_and_last_line(str(err))}\nSee python run.py --helpfull for the flags.")
+
+
+def _first_and_last_line(text: str) -> str:
+    """What failed and why, without the traceback a config file's error arrives with."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"
+
+
+def _fail(message: str, code: int = errors.EXIT_USER_ERROR):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates the workdir; refuses one that is a file or cannot be written, before any work."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise errors.WorkdirError(f"--workdir={workdir} is a file; pass a directory (new or old)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise errors.WorkdirError(f"cannot create --workdir={workdir}: {err.strerror}") from err
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise errors.WorkdirError(
+            f"--workdir={workdir} is not writable; fix its permissions or pick another directory"
+        )
 
 
 def run_job(config, workdir: str) -> dict:
@@ -127,20 +163,40 @@ def run_job(config, workdir: str) -> dict:
 
 
 def main(argv):
+    """Runs the job; maps how it ended onto the exit codes of core/errors.py."""
+    try:
+        result = _main(argv)
+    except errors.UserError as err:
+        if _VERBOSE.value:
+            logging.exception("%s: %s", type(err).__name__, err)
+        hint = "" if _VERBOSE.value else " (--verbose shows the traceback)"
+        _fail(f"{err}{hint}")
+    except errors.Diverged as err:
+        _fail(str(err), errors.EXIT_NON_FINITE)
+    if isinstance(result, dict) and result.get("stopped_early"):
+        logging.warning("stopped early (preempted): rerun the same command to resume")
+        sys.exit(errors.EXIT_PREEMPTED)
+
+
+def _main(argv) -> dict | None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
+    try:
+        config.job  # noqa: B018 (a config file that failed to load raises on first use)
+    except OSError as err:  # ml_collections reports a config file it could not load here
+        raise errors.ConfigError(_first_and_last_line(str(err))) from None
     if _PRINT_CONFIG.value:
         print(config_json(config), flush=True)
-        return
+        return None
     workdir = _WORKDIR.value
     if not workdir:
         raise app.UsageError("--workdir is required (except with --print_config)")
     from visual_tokenizers.core import files
     from visual_tokenizers.core.runtime import mesh as mesh_lib
 
+    check_workdir(workdir)
     mesh_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    os.makedirs(workdir, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
@@ -160,6 +216,7 @@ def main(argv):
     result = run_job(config, workdir)
     if jax.process_index() == 0:
         print(json.dumps(result, default=float), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -28,3 +28,7 @@ class ConfigError(UserError, ValueError):
 
 class WorkdirError(UserError, OSError):
     """The workdir cannot be used (it is a file, or not writable)."""
+
+
+class Diverged(Exception):
+    """Training met a NaN/inf and stopped without saving it; run.py exits with EXIT_NON_FINITE."""

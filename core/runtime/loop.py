@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visual_tokenizers.core.errors import Diverged
 from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(Diverged, FloatingPointError):
     """A loss, the gradient norm or the updated weights became NaN or inf; the run stops
     without saving that state (run.py exits with EXIT_NON_FINITE)."""
 
