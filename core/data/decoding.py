@@ -11,7 +11,7 @@ import logging
 import threading
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from visual_tokenizers.core.errors import UserError
 
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _PERM_TAG, _AUG_TAG = 0x7E12, 0xA09  # Keep permutation and augmentation seeds disjoint.
+# Transparent pixels are shown on white, as viewers and browsers show PNGs; what
+# convert("RGB") did instead (drop alpha) exposes whatever colour hides under alpha 0.
+ALPHA_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 class DataError(UserError, ValueError):
@@ -37,22 +42,97 @@ class UnreadableImage(DataError):
 
 
 def to_pil(image, draft: int | None = None) -> Image.Image:
-    """Encoded bytes, a file path, an array or a PIL image -> RGB PIL image.
+    """Encoded bytes, a file path, an array or a PIL image -> 8-bit RGB PIL image.
 
     `draft` lets JPEG decode at a reduced scale whose shorter side is still >= draft,
-    which makes training on large JPEGs several times cheaper.
+    which makes training on large JPEGs several times cheaper. It is applied before the
+    decode, the EXIF orientation after it.
+
+    Every image is read as it is meant to be seen, never silently clipped:
+    - EXIF orientation (all 8 values) is applied to what is decoded from bytes or a file
+      (including a PIL image straight from Image.open); in-memory images and arrays are
+      taken as already upright.
+    - 16-bit grayscale (I;16, I;16L, I;16B) and 32-bit integer `I` (read as 16-bit, the
+      range PNG and TIFF decoders give it) are scaled to 8 bits with round(v / 257);
+      `I` values outside 0..65535 make the image unreadable, not clipped. 16-bit RGB(A)
+      PNGs are reduced to 8 bits by Pillow itself (the high byte, within 1 of v / 257).
+    - Float `F` is taken to be in [0, 1] (scaled by 255 and rounded); other values, NaN
+      or infinities make the image unreadable.
+    - Alpha (RGBA, LA, PA, premultiplied RGBa/La, a palette or PNG tRNS transparency)
+      is blended onto ALPHA_BACKGROUND: out = round((c * a + bg * (255 - a)) / 255).
+    - Palette `P`, 1-bit `1`, `L`, CMYK (Pillow's conversion; ICC profiles are not
+      applied) and other modes go through Pillow's convert("RGB").
+    - uint16 arrays are scaled like 16-bit images; uint8 arrays are used as they are.
+    Unreadable values raise DataError (a ValueError, so decode() reports them).
     """
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
-        pil = Image.fromarray(image)
-    else:
-        pil = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+        if image.dtype.kind == "u" and image.dtype.itemsize == 2:
+            image = _sixteen_to_eight(image)
+        return _to_rgb(Image.fromarray(image))
+    if not isinstance(image, Image.Image):
+        image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
         if draft:
-            pil.draft("RGB", (draft, draft))
-    return pil.convert("RGB")  # Also forces the full decode, so errors surface here.
+            image.draft("RGB", (draft, draft))
+    if isinstance(image, ImageFile.ImageFile):
+        image.load()  # The full decode happens here, so errors surface inside decode().
+        # A camera stores the sensor's pixels plus this tag; 1 (or none) means upright.
+        # Looked up first because exif_transpose copies even upright images.
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+            image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB, as documented in to_pil."""
+    mode, transparency = image.mode, image.info.get("transparency")
+    if mode == "RGB" and transparency is None:
+        return image  # The common path (8-bit JPEG, PNG): no extra work.
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        return _high_bit_to_rgb(image, transparency)
+    if mode in _ALPHA_MODES or transparency is not None:
+        return _composite(np.asarray(image.convert("RGBA")))
+    return image.convert("RGB")
+
+
+def _sixteen_to_eight(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 with round(v / 257) (no ties: 257 is odd), so 65535 -> 255."""
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _high_bit_to_rgb(image: Image.Image, transparency) -> Image.Image:
+    values = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.round(values.astype(np.float64) * 255)
+        if values.size and not (
+            np.isfinite(scaled).all() and 0 <= scaled.min() <= scaled.max() <= 255
+        ):
+            raise DataError(
+                f"float (mode F) pixels span {values.min()}..{values.max()}, outside the [0, 1] "
+                "this reader assumes; save the image as 8- or 16-bit PNG (or scale it to [0, 1])"
+            )
+        gray = scaled.astype(np.uint8)
+    else:
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(
+                f"32-bit (mode {image.mode}) pixels span {values.min()}..{values.max()}, outside "
+                "the 16-bit range 0..65535 this reader assumes; save the image as 8- or 16-bit PNG"
+            )
+        gray = _sixteen_to_eight(values)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    if isinstance(transparency, int):  # PNG tRNS: one 16-bit gray value is transparent.
+        rgb[values == transparency] = ALPHA_BACKGROUND
+    return Image.fromarray(rgb)
+
+
+def _composite(rgba: np.ndarray) -> Image.Image:
+    """uint8 [H, W, 4] blended onto ALPHA_BACKGROUND (exact integer rounding)."""
+    rgba = rgba.astype(np.uint16)  # 255 * 255 + 127 still fits.
+    alpha = rgba[..., 3:]
+    background = np.array(ALPHA_BACKGROUND, np.uint16)
+    out = (rgba[..., :3] * alpha + background * (255 - alpha) + 127) // 255
+    return Image.fromarray(out.astype(np.uint8))
 
 
 def decode(image, what: str, draft: int | None = None) -> Image.Image:

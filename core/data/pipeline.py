@@ -3,7 +3,8 @@
 Specs:
   tfds:NAME[:SPLIT]   a prepared TFDS image dataset ('image', optional 'label'); never downloads.
   folder:PATH         JPEG/PNG/WebP files under PATH; class = top-level subfolder (else 0).
-                      If PATH/<split> is a directory it is used for that split.
+                      PATH/<split> (or val/ for validation, ...) is read for that split;
+                      see core/data/sources.py FolderSource.
   builtin:shapes      procedurally drawn labelled shapes (core/data/builtin.py).
   builtin:shapes_plain  the same classes, larger, upright, flat backgrounds (the demo's data).
   builtin:photos      random crops of the photographs bundled with scikit-image.

@@ -21,15 +21,30 @@ from visual_tokenizers.core.data.decoding import IMAGE_EXTENSIONS, DataError, _D
 log = logging.getLogger(__name__)
 
 
+# Split names and the folder names that hold them, in the order they are looked for.
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "val", "valid"),
+    "test": ("test", "testing"),
+}
+_SPLIT_OF = {name: split for split, names in SPLIT_FOLDERS.items() for name in names}
+
+
 class FolderSource(_DecodingSource):
-    """Image files under a directory, found recursively and sorted for determinism."""
+    """Image files under a directory, found recursively and sorted for determinism.
+
+    Splits: PATH/<split> is read when it exists; else the subfolder named like the split
+    (SPLIT_FOLDERS, case-insensitive: split 'validation' reads val/, 'val' reads validation/).
+    A folder with split-like subfolders (train/, val/, test/, ...) but none for the split is
+    refused rather than read whole (which would take 'train' and 'val' for classes). A folder
+    without them is the data for every split; split 'all' reads any folder whole.
+    """
 
     def __init__(self, path: str, split: str):
         super().__init__()
-        root = os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path
-        if not os.path.isdir(root):
+        if not os.path.isdir(path):
             raise DataError(f"folder:{path}: no such directory. Pass an existing image folder.")
-        self.root = os.path.abspath(root)
+        self.root = os.path.abspath(_split_root(path, split))
         self.files = _list_images(self.root)
         if not self.files:
             raise DataError(
@@ -46,6 +61,28 @@ class FolderSource(_DecodingSource):
     def load(self, index: int, draft: int | None = None) -> tuple[Image.Image, int]:
         path = os.path.join(self.root, self.files[index])
         return self._decode(path, path, draft), self.labels[index]
+
+
+def _split_root(path: str, split: str) -> str:
+    """The folder read for `split` (see FolderSource)."""
+    if os.path.isdir(os.path.join(path, split)):
+        return os.path.join(path, split)
+    if split == "all":
+        return path
+    subfolders = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    split_like = [d for d in subfolders if d.lower() in _SPLIT_OF]
+    if not split_like:
+        return path  # No split layout: the folder itself is the data (class subfolders or flat).
+    wanted = SPLIT_FOLDERS.get(_SPLIT_OF.get(split.lower(), ""), (split.lower(),))
+    matches = [d for d in split_like if d.lower() in wanted]
+    if len(matches) == 1:
+        return os.path.join(path, matches[0])
+    why = f"{' and '.join(matches)} all match" if matches else "none is for"
+    raise DataError(
+        f"folder:{path} has split subfolders {', '.join(split_like)} but {why} split {split!r}. "
+        "Set data.split (eval.split for evaluation) to one of them, or to 'all' to read the "
+        "whole folder with its subfolders as classes."
+    )
 
 
 def _list_images(root: str) -> list[str]:
