@@ -86,7 +86,7 @@ def save_npz(path: str, **arrays) -> None:
 
 # ----------------------------------------------------------------------------- settings
 
-_UNSET = object()  # a setting one side does not have
+UNSET = object()  # a setting one side does not have
 _SHOWN_CHANGES = 12  # a whole changed config is summarised, not printed in full
 
 
@@ -102,32 +102,44 @@ def _flatten(settings: dict, prefix: str = "") -> dict:
 
 
 def _show(value) -> str:
-    return "(not set)" if value is _UNSET else repr(value)
+    return "(not set)" if value is UNSET else repr(value)
+
+
+def changed_settings(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for each setting that differs, sorted by key; a
+    side that lacks the key has the value UNSET."""
+    a, b = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        was, now = a.get(key, UNSET), b.get(key, UNSET)
+        if was is UNSET or now is UNSET or was != now:
+            changes.append((key, was, now))
+    return changes
 
 
 def setting_changes(old: dict, new: dict) -> list[str]:
     """'key: was X, now Y' for each (dotted) setting that differs, sorted by key."""
-    a, b = _flatten(old), _flatten(new)
-    changes = []
-    for key in sorted(set(a) | set(b)):
-        was, now = a.get(key, _UNSET), b.get(key, _UNSET)
-        if was is _UNSET or now is _UNSET or was != now:
-            changes.append(f"{key}: was {_show(was)}, now {_show(now)}")
-    return changes
+    return [describe_change(*change) for change in changed_settings(old, new)]
 
 
-def refuse_other_settings(old: dict, new: dict, *, what: str, fix: str, error=ValueError):
-    """Raises `error` when the saved settings `old` differ from `new` (as JSON reads them).
+def describe_change(key: str, was, now) -> str:
+    return f"{key}: was {_show(was)}, now {_show(now)}"
 
-    The message reads "<what> with other settings (<each change, old and new>). <fix>".
-    """
-    changes = setting_changes(old, as_json(new))
-    if not changes:
-        return
+
+def other_settings_message(changes: list[str], *, what: str, fix: str) -> str:
+    """ "<what> with other settings (<each change, old and new>). <fix>", long lists cut."""
     shown = "; ".join(changes[:_SHOWN_CHANGES])
     if len(changes) > _SHOWN_CHANGES:
         shown += f"; and {len(changes) - _SHOWN_CHANGES} more"
-    raise error(f"{what} with other settings ({shown}). {fix}")
+    return f"{what} with other settings ({shown}). {fix}"
+
+
+def refuse_other_settings(old: dict, new: dict, *, what: str, fix: str, error=ValueError):
+    """Raises `error` when the saved settings `old` differ from `new` (as JSON reads them),
+    with the message of `other_settings_message`."""
+    changes = setting_changes(old, as_json(new))
+    if changes:
+        raise error(other_settings_message(changes, what=what, fix=fix))
 
 
 def check_or_record_settings(

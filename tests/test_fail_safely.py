@@ -2,15 +2,22 @@
 state, and a run stopped by a preemption exits with its own code."""
 
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from test_train_run import tiny_config
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint, loop
 from visual_tokenizers.jobs import train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +78,60 @@ def test_guard_names_the_loss_and_the_gradient_norm():
     assert "step 7: loss/l2 = nan; grad_norm = inf" in message
     assert "after step 6 were the last finite ones" in message
     assert "step 6 in ckpts" in message
+
+
+def _cli(workdir, *overrides):
+    args = [f"--config.{k}" for k in overrides]
+    return subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--config=configs/vq_b16.py:tiny",
+            f"--workdir={workdir}",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_resume_with_other_model_data_or_seed_is_refused_naming_each_key(trained_12_steps):
+    config = tiny_config(seed=1, **{"data.batch_size": 8, "model.encoder.width": 32})
+    with pytest.raises(ConfigError) as err:
+        train_tokenizer.run(config, trained_12_steps)
+    message = str(err.value)
+    for key in ("seed: was 0, now 1", "data.batch_size: was 16, now 8", "model.encoder.width"):
+        assert key in message
+    assert "init_from" in message and len(message.splitlines()) == 1
+
+
+def test_resume_may_change_length_cadence_evaluation_and_learning_rate(
+    trained_12_steps, tmp_path, caplog
+):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained_12_steps, workdir)
+    config = tiny_config(num_steps=13, log_every=1, **{"eval.num_examples": 16})
+    config.optimizer.lr = 1e-4
+    with caplog.at_level(logging.WARNING):
+        result = train_tokenizer.run(config, workdir)
+    assert result["step"] == 13
+    logged = caplog.text
+    assert "num_steps: was 12, now 13" in logged and "optimizer.lr" in logged
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    proc = _cli(a_file)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --workdir={a_file} is a file; pass a directory (new or old) "
+        "(--verbose shows the traceback)"
+    ]
+    proc = _cli(tmp_path / "w", "data.source=tfds:imagenet2013")
+    assert proc.returncode == 2
+    error_lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(error_lines) == 1 and "imagenet2013" in error_lines[0]
+    assert "Traceback" not in proc.stderr

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from jax.sharding import Mesh
 
-from visual_tokenizers.core.runtime import checkpoint, loop
+from visual_tokenizers.core.runtime import checkpoint, loop, resume
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
 
@@ -45,7 +45,9 @@ class TrainingJob:
 
     @classmethod
     def start(cls, config, workdir: str, batch_sizes: dict[str, int]) -> TrainingJob:
-        """The mesh of `config.mesh`; refuses batch sizes ({config key: size}) it cannot split."""
+        """The mesh of `config.mesh`; refuses batch sizes ({config key: size}) it cannot split,
+        and a resume under settings that define another run (core/runtime/resume.py)."""
+        resume.check_config(config, workdir)
         mesh = mesh_lib.make_mesh(config.mesh)
         rules = tuple(tuple(r) for r in config.sharding_rules)
         mesh_lib.check_batch_sizes(mesh, batch_sizes)
