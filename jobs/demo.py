@@ -33,6 +33,14 @@ STAGES_FILE = "stages.json"
 REPORT = "report.md"
 
 
+class StageStopped(Exception):
+    """A stage's job was preempted: it saved its checkpoint and is not finished."""
+
+    def __init__(self, name: str, result: dict):
+        super().__init__(f"stage {name} stopped early")
+        self.name, self.result = name, result
+
+
 class Stages:
     """WORKDIR/stages.json: {stage: {settings, result, seconds}} of finished stages."""
 
@@ -60,6 +68,8 @@ class Stages:
         logging.info("demo: stage %s", name)
         start = time.perf_counter()
         result = json.loads(json.dumps(fn(), default=float))
+        if any(isinstance(r, dict) and r.get("stopped_early") for r in (result, *result.values())):
+            raise StageStopped(name, result)  # Not recorded: a rerun resumes the stage.
         self.done[name] = {
             "settings": settings,
             "result": result,
@@ -96,8 +106,12 @@ def run(config, workdir: str, run_job=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     where = {k: os.path.join(os.path.abspath(workdir), k) for k in STAGE_DIRS}
     stages = Stages(workdir)
-    maskgit = _training_stages(config, where, stages, run_job)
-    scores = _evaluation_stage(config, where, stages, run_job)
+    try:
+        maskgit = _training_stages(config, where, stages, run_job)
+        scores = _evaluation_stage(config, where, stages, run_job)
+    except StageStopped as stopped:
+        logging.warning("demo: stage %s was preempted; rerun to resume it", stopped.name)
+        return {"stopped_early": True, "stage": stopped.name}
     path = write_report(workdir, where, stages, config)
     recon, gen = scores["reconstructions"], scores["samples"]
     return {

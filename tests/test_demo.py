@@ -62,3 +62,19 @@ def test_demo_runs_end_to_end_writes_the_report_and_resumes(tmp_path):
     config.maskgit.num_steps = 21  # other settings for a finished stage are refused
     with pytest.raises(ValueError, match="other settings"):
         demo.run(config, workdir, run_job=run.run_job)
+
+
+def test_a_preempted_stage_is_not_recorded_and_the_demo_says_it_stopped(tmp_path):
+    calls = []
+
+    def run_job(config, workdir):  # the tokenizer finishes, the export is preempted
+        calls.append(config.job)
+        if config.job == "export_tokens":
+            return {"rows": 3, "stopped_early": True}
+        return {"step": 1}
+
+    result = demo.run(demo_config.get_config("test"), str(tmp_path), run_job=run_job)
+    assert result == {"stopped_early": True, "stage": "tokens"}
+    assert calls == ["train_tokenizer", "export_tokens"]
+    done = json.load(open(tmp_path / "stages.json"))
+    assert list(done) == ["tokenizer"]  # a rerun resumes the export instead of skipping it

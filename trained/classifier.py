@@ -167,7 +167,9 @@ def train(config, workdir: str) -> dict:
         finish=finish,
     )
     result = {"step": int(outcome.state.step), **outcome.metrics}
-    if not outcome.stopped_early:
+    if outcome.stopped_early:
+        result["stopped_early"] = True
+    else:
         result["test_accuracy"] = outcome.final["test_accuracy"]
         logging.info("shapes classifier: test accuracy %.4f", result["test_accuracy"])
     return result
