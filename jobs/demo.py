@@ -27,6 +27,7 @@ import time
 import ml_collections
 
 from visual_tokenizers.core import files
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint
 
 STAGES_FILE = "stages.json"
@@ -99,7 +100,7 @@ def run(config, workdir: str, run_job=None) -> dict:
     """run_job(stage_config, stage_workdir) -> dict runs one stage's job: run.py passes its
     dispatcher (jobs never import jobs)."""
     if run_job is None:
-        raise ValueError(
+        raise ConfigError(
             "the demo runs other jobs through run_job(config, workdir): call it through run.py "
             "(python run.py --config=configs/demo.py ...) or pass visual_tokenizers.run.run_job"
         )

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from visual_tokenizers.core import files
 from visual_tokenizers.core.data.images import save_grid
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.trained.maskgit import (
     Generator,
@@ -51,11 +52,13 @@ RESULT = "samples.json"
 
 def validate(config) -> None:
     if not config.maskgit.workdir:
-        raise ValueError("config.maskgit.workdir is empty: pass a jobs/train_maskgit.py workdir")
+        raise ConfigError("config.maskgit.workdir is empty: pass a jobs/train_maskgit.py workdir")
     if config.maskgit.use_ema:
-        raise ValueError("config.maskgit.use_ema: MaskGIT runs keep no EMA weights; leave it unset")
+        raise ConfigError(
+            "config.maskgit.use_ema: MaskGIT runs keep no EMA weights; leave it unset"
+        )
     if config.num_samples <= 0 or config.batch_size <= 0:
-        raise ValueError("config.num_samples and config.batch_size must be positive")
+        raise ConfigError("config.num_samples and config.batch_size must be positive")
 
 
 def run(config, workdir: str) -> dict:
@@ -69,7 +72,7 @@ def run(config, workdir: str) -> dict:
     classes = [int(c) for c in config.classes] or list(range(r["num_classes"]))
     bad = [c for c in classes if not 0 <= c < r["num_classes"]]
     if bad:
-        raise ValueError(f"config.classes {bad} outside the model's [0, {r['num_classes']})")
+        raise ConfigError(f"config.classes {bad} outside the model's [0, {r['num_classes']})")
     spec = _spec(config, maskgit, classes)
     done = _finished(workdir, spec)
     if done is not None:

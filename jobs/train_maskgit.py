@@ -30,6 +30,7 @@ from flax import nnx
 from visual_tokenizers.core import files
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.data.images import save_grid
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint, optim
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
@@ -69,7 +70,7 @@ def optimizer_from_config(config):
         end_lr_fraction=o.end_lr_fraction,
     )
     if o.name != "adamw":
-        raise ValueError(f"optimizer.name {o.name!r}: the MaskGIT trainer uses 'adamw'")
+        raise ConfigError(f"optimizer.name {o.name!r}: the MaskGIT trainer uses 'adamw'")
     mask = _decay_mask if o.decay_matrices_only else None
     opt = optax.adamw(lr_fn, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
     if o.grad_clip_norm > 0:
@@ -83,7 +84,7 @@ def make_train_step(model_def: ts.ModelDef, optimizer, lr_fn, *, seed: int, loss
     Masking, class dropout and dropout draw from key(seed) folded with the step.
     """
     if loss["mask_schedule"] not in SCHEDULES:
-        raise ValueError(
+        raise ConfigError(
             f"loss.mask_schedule {loss['mask_schedule']!r} is unknown; choose one of "
             f"{sorted(SCHEDULES)}"
         )
@@ -135,7 +136,7 @@ def resolve(config, mesh) -> Tokens:
         info = _resolved(config, ex.vocab, grid, ex.num_classes, ex.class_names, ex.tokenizer)
         return Tokens({**info, "tokens": where, "num_examples": len(ex.keys)}, ex.index_shape, ex)
     if not config.tokenizer.workdir:
-        raise ValueError(
+        raise ConfigError(
             "no tokens: set --config.tokens.export_dir=<jobs/export_tokens.py output> or "
             "--config.tokenizer.workdir=<tokenizer run> to encode config.data on the fly"
         )
@@ -181,7 +182,7 @@ def _check_tokenizer(config, vocab: Vocab, mesh) -> None:
     tokenizer_fn = builders.model_fn_from_config(ml_collections.ConfigDict(saved))
     theirs = nnx.eval_shape(tokenizer_fn).vocab
     if theirs != vocab:
-        raise ValueError(
+        raise ConfigError(
             f"config.tokens.export_dir holds tokens of vocab {vocab}, but "
             f"config.tokenizer.workdir={config.tokenizer.workdir!r} (step {step}) has vocab "
             f"{theirs}: point both at the same tokenizer, or leave tokenizer.workdir empty"

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from visual_tokenizers.core.errors import ConfigError
+
 _xavier = nnx.initializers.xavier_uniform()  # MaskGIT's discriminator kernel init
 
 
@@ -111,7 +113,7 @@ class StyleGANDiscriminator(nnx.Module):
     ):
         log_size = int(round(math.log2(image_size)))
         if 2**log_size != image_size or not 8 <= image_size <= 1024:
-            raise ValueError(f"image_size {image_size} must be a power of 2 in [8, 1024]")
+            raise ConfigError(f"image_size {image_size} must be a power of 2 in [8, 1024]")
         self.dtype = dtype
         width = stylegan_filters(image_size, channel_multiplier)
         self.conv_in = _conv(in_channels, width, 3, dtype=dtype, rngs=rngs)
@@ -157,7 +159,7 @@ class PatchGANDiscriminator(nnx.Module):
     ):
         del image_size  # fully convolutional; accepted for a uniform constructor
         if norm not in ("batch", "none"):
-            raise ValueError(f"norm {norm!r} is unknown; choose 'batch' or 'none'")
+            raise ConfigError(f"norm {norm!r} is unknown; choose 'batch' or 'none'")
         self.dtype = dtype
         init = nnx.initializers.normal(0.02)  # taming's weights_init
         pad = ((1, 1), (1, 1))
@@ -212,7 +214,7 @@ DISCRIMINATORS = {"stylegan": StyleGANDiscriminator, "patchgan": PatchGANDiscrim
 def build_discriminator(*, name: str, image_size: int, seed: int = 0, dtype=jnp.float32, **kwargs):
     """A discriminator by name ('stylegan' or 'patchgan') from its constructor kwargs."""
     if name not in DISCRIMINATORS:
-        raise ValueError(
+        raise ConfigError(
             f"discriminator.name {name!r} is unknown; choose one of {sorted(DISCRIMINATORS)}"
         )
     rngs = nnx.Rngs(params=seed)

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens.layout import (
     Vocab,
@@ -66,7 +67,7 @@ def head_groups(vocab: Vocab, head_group_bits: int = 0) -> tuple[int, ...] | Non
     if vocab.bits is None:
         return None
     if head_group_bits < 0:
-        raise ValueError(f"maskgit head_group_bits={head_group_bits} must be >= 0 (0: vocab's)")
+        raise ConfigError(f"maskgit head_group_bits={head_group_bits} must be >= 0 (0: vocab's)")
     if head_group_bits:
         return split_bits(vocab.bits, head_group_bits)
     return tuple(vocab.groups or (vocab.bits,))
@@ -101,7 +102,7 @@ class HeadLayout:
     def to_ids(self, tokens: jax.Array) -> jax.Array:
         """Tokenizer indices [B, *index_shape] -> group ids [B, N, G]."""
         if tuple(tokens.shape[1:]) != self.index_shape:
-            raise ValueError(
+            raise ConfigError(
                 f"MaskGIT expects tokens [B, {', '.join(map(str, self.index_shape))}]; got "
                 f"{tuple(tokens.shape)}: check model.token_shape against the tokenizer's grid"
             )

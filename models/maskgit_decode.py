@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from visual_tokenizers.core.errors import ConfigError
+
 # ratio r in [0, 1] -> mask ratio in [0, 1]: 1 at r = 0 (all masked), 0 at r = 1.
 SCHEDULES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "cosine": lambda r: jnp.cos(0.5 * math.pi * r),  # MaskGIT's default
@@ -45,7 +47,7 @@ LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], Sequence[jax.Array]]
 def mask_ratio(r, schedule: str = "cosine") -> jax.Array:
     """The fraction of tokens masked at progress r in [0, 1] under `schedule`."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown mask schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+        raise ConfigError(f"unknown mask schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
     r = jnp.clip(jnp.asarray(r, jnp.float32), 0.0, 1.0)
     # cos(pi/2) is -4e-8 in float32: clip so that counts never go negative.
     return jnp.clip(SCHEDULES[schedule](r), 0.0, 1.0)
@@ -90,7 +92,7 @@ def guidance_scale_at(step, steps: int, scale: float, schedule: str = "constant"
         return jnp.float32(scale)
     if schedule == "linear":
         return scale * (jnp.asarray(step, jnp.float32) + 1.0) / steps
-    raise ValueError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
+    raise ConfigError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
 
 
 def apply_guidance(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:
@@ -157,7 +159,7 @@ def decode(
     Returns (ids [B, N, G], remaining [T, B] int32: tokens still unknown after each step).
     """
     if steps < 1:
-        raise ValueError(f"decoding needs steps >= 1, got {steps}")
+        raise ConfigError(f"decoding needs steps >= 1, got {steps}")
     total = jnp.sum(unknown, -1, dtype=jnp.int32)
 
     def body(step, carry):

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from visual_tokenizers.core.errors import ConfigError
+
 _dense_init = nnx.initializers.xavier_uniform()
 _pos_init = nnx.initializers.normal(stddev=0.02)
 
@@ -52,7 +54,7 @@ class Attention(nnx.Module):
 
     def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
         if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+            raise ConfigError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
         self.qkv = _dense(width, 3 * width, ("embed", "heads"), dtype=dtype, rngs=rngs)
         self.out = _dense(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs)
@@ -109,9 +111,9 @@ class Transformer(nnx.Module):
 
 def _check_sizes(image_size: int, patch_size: int, num_latents: int):
     if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
+        raise ConfigError(f"image_size {image_size} is not a multiple of patch {patch_size}")
     if num_latents < 0:
-        raise ValueError(f"num_latents={num_latents} must be >= 0 (0: 2-D latent grid)")
+        raise ConfigError(f"num_latents={num_latents} must be >= 0 (0: 2-D latent grid)")
 
 
 def _token_param(shape, *, rngs: nnx.Rngs) -> nnx.Param:
@@ -227,7 +229,7 @@ class ViTDecoder(nnx.Module):
     def _from_latents(self, latents):
         """[B, L, in_dim] latents -> [B, grid**2, width] outputs at the mask-token positions."""
         if latents.ndim != 3 or latents.shape[1] != self.num_latents:
-            raise ValueError(
+            raise ConfigError(
                 f"1-D decoder expects latents [B, {self.num_latents}, C]; got {latents.shape}"
             )
         x = self.stem(latents.astype(self.dtype))

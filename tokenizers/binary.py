@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.tokens.layout import (
     MAX_INT32_BITS,
     Vocab,
@@ -153,7 +154,7 @@ class BinaryQuantizer(nnx.Module):
         self.commitment_weight, self.entropy_weight = commitment_weight, entropy_weight
         self.diversity_gamma, self.inverse_temperature = diversity_gamma, inverse_temperature
         if entropy_group_bits < 1:
-            raise ValueError(f"quantizer entropy_group_bits={entropy_group_bits} must be >= 1")
+            raise ConfigError(f"quantizer entropy_group_bits={entropy_group_bits} must be >= 1")
         self.entropy_groups = split_bits(d, entropy_group_bits)
         self.index_groups = _index_groups(d, index_group_bits)
         self.flat_indices = not self.vocab.grouped
@@ -262,26 +263,26 @@ class BinarySphericalQuantizer(BinaryQuantizer):
 def _resolve_bits(bits: int | None, codebook_size: int | None) -> int:
     """d from `bits` or `codebook_size` (= 2**bits); both given must agree."""
     if bits is None and codebook_size is None:
-        raise ValueError("binary quantizer: set quantizer.bits (or codebook_size = 2**bits)")
+        raise ConfigError("binary quantizer: set quantizer.bits (or codebook_size = 2**bits)")
     if codebook_size is not None:
         from_size = int(codebook_size).bit_length() - 1
         if codebook_size < 2 or 2**from_size != codebook_size:
-            raise ValueError(f"quantizer.codebook_size={codebook_size} is not a power of 2")
+            raise ConfigError(f"quantizer.codebook_size={codebook_size} is not a power of 2")
         if bits is not None and bits != from_size:
-            raise ValueError(
+            raise ConfigError(
                 f"quantizer.bits={bits} and codebook_size={codebook_size} disagree "
                 f"(codebook_size must be 2**bits = {2**bits}); change both together"
             )
         bits = from_size
     if bits < 1:
-        raise ValueError(f"quantizer.bits={bits} must be >= 1")
+        raise ConfigError(f"quantizer.bits={bits} must be >= 1")
     return int(bits)
 
 
 def _index_groups(bits: int, index_group_bits: int) -> tuple[int, ...]:
     """Index group layout: one group (flat int32) for d <= 31 unless asked, <= 31 bits each."""
     if index_group_bits < 0 or index_group_bits > MAX_INT32_BITS:
-        raise ValueError(
+        raise ConfigError(
             f"quantizer.index_group_bits={index_group_bits} must be in [1, 31] (0 = automatic)"
         )
     return split_bits(bits, index_group_bits or MAX_INT32_BITS)

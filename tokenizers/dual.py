@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.tokenizers.base import QuantizerOutput
 from visual_tokenizers.tokenizers.vq import CodebookState, _entropy, _l2norm, nearest_code
@@ -88,7 +89,7 @@ class DualCodebookQuantizer(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if pixel_weight < 0:
-            raise ValueError(f"quantizer.pixel_weight={pixel_weight} must be >= 0")
+            raise ConfigError(f"quantizer.pixel_weight={pixel_weight} must be >= 0")
         self.codebook_size, self.pixel_weight = codebook_size, pixel_weight
         self.beta, self.codebook_weight = beta, codebook_weight
         self.usage_decay, self.search_chunk_size = usage_decay, search_chunk_size
@@ -131,7 +132,7 @@ class DualCodebookQuantizer(nnx.Module):
     def __call__(self, z_semantic, z_pixel, *, train: bool = False) -> QuantizerOutput:
         batch_shape = z_semantic.shape[:-1]
         if z_pixel.shape[:-1] != batch_shape:
-            raise ValueError(
+            raise ConfigError(
                 f"semantic latents {z_semantic.shape} and pixel latents {z_pixel.shape} must "
                 "have the same token layout (same grid or number of 1-D latents)"
             )

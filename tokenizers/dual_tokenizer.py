@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.models.teacher import Teacher
 from visual_tokenizers.models.vit import ViTDecoder, ViTEncoder
 from visual_tokenizers.tokenizers.base import QuantizerOutput
@@ -50,7 +51,7 @@ class DualTokenizer(nnx.Module):
         pixel_decoder_input: str = "pixel",
     ):
         if pixel_decoder_input not in PIXEL_DECODER_INPUTS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.decoder.pixel_input={pixel_decoder_input!r}; choose one of "
                 f"{PIXEL_DECODER_INPUTS} (pixel codes only, or semantic and pixel concatenated)"
             )
@@ -176,7 +177,7 @@ def _branch_kwargs(encoder: dict, decoder: dict, quantizer: dict):
     _require(encoder, ("pixel", "semantic"), "model.encoder")
     _require(decoder, ("pixel", "semantic"), "model.decoder")
     if quantizer.pop("name", "dual") != "dual":
-        raise ValueError("model.architecture='dual' needs quantizer.name='dual'")
+        raise ConfigError("model.architecture='dual' needs quantizer.name='dual'")
     pix_enc, sem_enc = dict(encoder.pop("pixel")), dict(encoder.pop("semantic"))
     pix_dec, sem_dec = dict(decoder.pop("pixel")), dict(decoder.pop("semantic"))
     options = dict(
@@ -186,7 +187,7 @@ def _branch_kwargs(encoder: dict, decoder: dict, quantizer: dict):
     )
     for name, rest in (("model.encoder", encoder), ("model.decoder", decoder)):
         if rest:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} has unknown keys {sorted(rest)} for model.architecture='dual'"
             )
     return pix_enc, sem_enc, pix_dec, sem_dec, quantizer, options
@@ -201,16 +202,16 @@ def _pixel_branch_layout(pix_enc: dict, sem_enc: dict, pix_dec: dict, architectu
         "model.decoder.pixel": pix_dec.get("num_latents", 0),
     }
     if len(set(latents.values())) != 1:
-        raise ValueError(f"num_latents must agree across {latents} (0 for a 2-D grid)")
+        raise ConfigError(f"num_latents must agree across {latents} (0 for a 2-D grid)")
     num_latents = latents["model.encoder.pixel"]
     pix_arch = pix_enc.pop("architecture", "vit")
     if pix_dec.pop("architecture", pix_arch) != pix_arch or pix_arch not in architectures:
-        raise ValueError(
+        raise ConfigError(
             f"model.encoder.pixel.architecture={pix_arch!r} must be one of "
             f"{sorted(architectures)} and the same for model.decoder.pixel"
         )
     if pix_arch == "vit" and pix_enc["patch_size"] != sem_enc["patch_size"] and not num_latents:
-        raise ValueError(
+        raise ConfigError(
             f"pixel patch_size {pix_enc['patch_size']} != semantic patch_size "
             f"{sem_enc['patch_size']}: both encoders must give the same token grid"
         )
@@ -220,4 +221,4 @@ def _pixel_branch_layout(pix_enc: dict, sem_enc: dict, pix_dec: dict, architectu
 def _require(d: dict, keys: tuple, name: str):
     missing = [k for k in keys if k not in d]
     if missing:
-        raise ValueError(f"{name} needs the keys {list(keys)} for model.architecture='dual'")
+        raise ConfigError(f"{name} needs the keys {list(keys)} for model.architecture='dual'")

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from visual_tokenizers.core.errors import ConfigError
+
 
 def reconstruction_losses(images, reconstructions, *, l1_weight: float, l2_weight: float):
     """Pixel losses on [-1, 1] images; a term with weight 0 is left out."""
@@ -16,7 +18,7 @@ def reconstruction_losses(images, reconstructions, *, l1_weight: float, l2_weigh
     if l1_weight:
         terms["l1"] = l1_weight * jnp.mean(jnp.abs(diff))
     if not terms:
-        raise ValueError("loss.l1_weight and loss.l2_weight are both 0: nothing to train on")
+        raise ConfigError("loss.l1_weight and loss.l2_weight are both 0: nothing to train on")
     return terms
 
 
@@ -27,7 +29,7 @@ GAN_LOSSES = ("non_saturating", "hinge")
 
 def check_gan_loss(kind: str):
     if kind not in GAN_LOSSES:
-        raise ValueError(f"loss.gan_loss {kind!r} is unknown; choose one of {GAN_LOSSES}")
+        raise ConfigError(f"loss.gan_loss {kind!r} is unknown; choose one of {GAN_LOSSES}")
 
 
 def discriminator_loss(real, fake, kind: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.models.conv import ConvDecoder, ConvEncoder
 from visual_tokenizers.models.vit import ViTDecoder, ViTEncoder
 from visual_tokenizers.tokenizers.base import QuantizerOutput
@@ -28,7 +29,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def _lookup(registry: dict, name: str, what: str):
     if name not in registry:
-        raise ValueError(f"{what} {name!r} is unknown; choose one of {sorted(registry)}")
+        raise ConfigError(f"{what} {name!r} is unknown; choose one of {sorted(registry)}")
     return registry[name]
 
 
@@ -89,13 +90,13 @@ def build_tokenizer(
     )
     latents = (encoder.get("num_latents", 0), decoder.get("num_latents", 0))
     if latents[0] != latents[1]:
-        raise ValueError(
+        raise ConfigError(
             f"model.encoder.num_latents={latents[0]} and model.decoder.num_latents={latents[1]} "
             "differ; set both to the number of 1-D latent tokens (or both to 0 for a 2-D grid)"
         )
     quantizer = dict(quantizer)
     if quantizer.get("name") in FAMILIES:
-        raise ValueError(f"quantizer.name={quantizer['name']!r} needs model.architecture='dual'")
+        raise ConfigError(f"quantizer.name={quantizer['name']!r} needs model.architecture='dual'")
     quantizer_cls = _lookup(QUANTIZERS, quantizer.pop("name"), "quantizer.name")
     compute_dtype = _lookup(DTYPES, dtype, "model.dtype")
     rngs = nnx.Rngs(params=seed)

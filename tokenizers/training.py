@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from visual_tokenizers.core.data.images import to_model
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import train_state as ts
 from visual_tokenizers.models.conv import ConvDecoder
 from visual_tokenizers.models.vit import ViTDecoder
@@ -64,11 +65,11 @@ class LossConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"config.loss has unknown keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"config.loss has unknown keys {unknown}; known: {sorted(known)}")
         config = cls(**values)
         losses.check_gan_loss(config.gan_loss)
         if config.r1_every < 1:
-            raise ValueError(f"loss.r1_every must be >= 1, got {config.r1_every}")
+            raise ConfigError(f"loss.r1_every must be >= 1, got {config.r1_every}")
         return config
 
     @property
@@ -81,7 +82,7 @@ def output_kernel_path(model) -> tuple[str, ...]:
     for cls, name in OUTPUT_LAYERS.items():
         if isinstance(model.decoder, cls):
             return ("decoder", name, "kernel")
-    raise ValueError(
+    raise ConfigError(
         f"loss.adaptive_weight needs the decoder's output layer; {type(model.decoder).__name__} "
         f"is not in tokenizers/training.py OUTPUT_LAYERS"
     )

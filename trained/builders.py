@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint, optim
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.runtime import train_state as ts
@@ -38,7 +39,7 @@ def discriminator_from_config(config) -> ts.Discriminator | None:
         return None
     name = config.discriminator.name
     if name not in DISCRIMINATORS:
-        raise ValueError(
+        raise ConfigError(
             f"discriminator.name {name!r} is unknown; choose one of {sorted(DISCRIMINATORS)}"
         )
     model_fn = functools.partial(

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime.rules import DEFAULT_RULES  # noqa: F401  (re-exported)
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -84,21 +85,21 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
     """Fills in the one -1 entry of {'data': .., 'fsdp': .., 'model': ..}."""
     unknown = [k for k in shape if k not in MESH_AXES]
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {unknown}; valid axes: {MESH_AXES}")
+        raise ConfigError(f"config.mesh has unknown axes {unknown}; valid axes: {MESH_AXES}")
     sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"config.mesh {dict(shape)}: at most one axis may be -1")
+        raise ConfigError(f"config.mesh {dict(shape)}: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if free:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh {dict(shape)} does not divide {num_devices} devices; "
                 "change the fixed axis sizes"
             )
         sizes[free[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh {dict(shape)} needs {math.prod(sizes)} devices but {num_devices} "
             "are present; set one axis to -1 to use the rest"
         )
@@ -207,7 +208,7 @@ def check_batch_sizes(mesh: Mesh, sizes: Mapping[str, int]) -> None:
     parallel = batch_parallelism(mesh)
     for name, size in sizes.items():
         if size % parallel:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{name}={size} must be a multiple of the data x fsdp mesh size {parallel}"
             )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from visual_tokenizers.core.errors import ConfigError
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -12,7 +14,7 @@ def learning_rate_schedule(
 ):
     """Linear warm-up to `lr`, then constant, cosine or linear decay to lr * end_lr_fraction."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule {schedule!r} is unknown; use one of {SCHEDULES}")
+        raise ConfigError(f"optimizer.schedule {schedule!r} is unknown; use one of {SCHEDULES}")
     warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
     decay_steps = max(total_steps - warmup_steps, 1)
     end = lr * end_lr_fraction
@@ -52,7 +54,7 @@ def make_optimizer(
     elif name == "adamw":
         opt = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     else:
-        raise ValueError(f"optimizer.name {name!r} is unknown; use 'adam' or 'adamw'")
+        raise ConfigError(f"optimizer.name {name!r} is unknown; use 'adam' or 'adamw'")
     if grad_clip_norm and grad_clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
     return opt
