@@ -14,9 +14,11 @@ import os
 import jax
 from flax import nnx
 
+from visual_tokenizers.core import weights
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.data.images import save_grid
 from visual_tokenizers.core.runtime import mesh as mesh_lib
+from visual_tokenizers.core.runtime import resume
 from visual_tokenizers.core.runtime import train_state as ts
 from visual_tokenizers.core.runtime.job import TrainingJob
 from visual_tokenizers.models import lpips, teacher
@@ -42,9 +44,22 @@ def perceptual_network(config):
     return graphdef, weights.to_pure_dict()
 
 
-def compile_step(config, model_fn, model_def, optimizer, disc, shardings, mesh):
-    """(jitted step(state, batch, frozen), frozen weights on the mesh) for this config."""
-    lpips_def, lpips_weights = perceptual_network(config)
+def check_inputs(config, *, fresh: bool):
+    """Everything a run reads besides its own checkpoints, checked before any model is built:
+    the data sources, the teacher weights (read at a fresh start only), the FID Inception
+    weights; returns `perceptual_network(config)` (the LPIPS weights are loaded here)."""
+    data.check_sources(config)
+    if fresh and "teacher" in config:
+        teacher.check_weights(config.teacher, warn=False)
+    if config.eval.get("fid_every", 0):
+        weights.fetch(weights.FID_INCEPTION, config.eval.get("fid_inception_weights") or None)
+    return perceptual_network(config)
+
+
+def compile_step(config, model_fn, model_def, optimizer, disc, shardings, mesh, perceptual):
+    """(jitted step(state, batch, frozen), frozen weights on the mesh) for this config;
+    `perceptual` = perceptual_network(config)."""
+    lpips_def, lpips_weights = perceptual
     adaptive_path = None
     if config.loss.adaptive_weight:
         adaptive_path = training.output_kernel_path(nnx.eval_shape(model_fn))
@@ -121,6 +136,8 @@ def run(config, workdir: str) -> dict:
         },
     )
     mesh = job.mesh
+    fresh = not resume.has_checkpoint(workdir) and not config.init_from
+    perceptual = check_inputs(config, fresh=fresh)
     model_fn = builders.model_fn_from_config(config)
     optimizer = builders.optimizer_from_config(config)
     disc = builders.discriminator_from_config(config)
@@ -135,7 +152,9 @@ def run(config, workdir: str) -> dict:
         on_fresh_init=load_teacher,
     )
     batch_sh = {"image": mesh_lib.batch_sharding(mesh, 4)}
-    train_step, frozen = compile_step(config, model_fn, model_def, optimizer, disc, shardings, mesh)
+    train_step, frozen = compile_step(
+        config, model_fn, model_def, optimizer, disc, shardings, mesh, perceptual
+    )
     eval_step = jax.jit(
         evaluation.make_eval_step(model_def),
         in_shardings=(shardings.params, shardings.model_state, batch_sh),

@@ -97,6 +97,29 @@ def resolve_weights_path(path: str) -> str:
     )
 
 
+def check_weights(teacher_cfg: Mapping, *, warn: bool = True) -> str | None:
+    """The teacher weights file `teacher_cfg` names, checked to exist (before any model is
+    built); None when there is none and `random_init` allows it (with a warning)."""
+    path = teacher_cfg.get("weights") or ""
+    if path:
+        return resolve_weights_path(path)
+    if teacher_cfg.get("random_init", False):
+        if not warn:
+            return None
+        logging.warning(
+            "teacher.random_init=True and no teacher.weights: the teacher is RANDOM, so the "
+            "semantic features it gives (and the semantic branch trained on them) are "
+            "meaningless. Use this for smoke tests only."
+        )
+        return None
+    raise TeacherWeightsError(
+        "config.teacher.weights is empty: the dual tokenizer needs a frozen teacher (a "
+        "big_vision / SigLIP ViT .npz, layout in models/teacher.py). Set "
+        "--config.teacher.weights=/path/to/teacher.npz, or --config.teacher.random_init=True "
+        "for a smoke test with a random (meaningless) teacher."
+    )
+
+
 def init_teacher(model_state: Mapping, teacher_cfg: Mapping, *, key: str = "teacher") -> dict:
     """model_state with the teacher weights from `teacher_cfg['weights']` put in.
 
@@ -107,22 +130,9 @@ def init_teacher(model_state: Mapping, teacher_cfg: Mapping, *, key: str = "teac
     """
     if key not in model_state:
         raise TeacherWeightsError(f"the model has no {key!r} state: is it a dual tokenizer?")
-    path = teacher_cfg.get("weights") or ""
-    if not path:
-        if teacher_cfg.get("random_init", False):
-            logging.warning(
-                "teacher.random_init=True and no teacher.weights: the teacher is RANDOM, so the "
-                "semantic features it gives (and the semantic branch trained on them) are "
-                "meaningless. Use this for smoke tests only."
-            )
-            return dict(model_state)
-        raise TeacherWeightsError(
-            "config.teacher.weights is empty: the dual tokenizer needs a frozen teacher (a "
-            "big_vision / SigLIP ViT .npz, layout in models/teacher.py). Set "
-            "--config.teacher.weights=/path/to/teacher.npz, or --config.teacher.random_init=True "
-            "for a smoke test with a random (meaningless) teacher."
-        )
-    path = resolve_weights_path(path)
+    path = check_weights(teacher_cfg)
+    if path is None:
+        return dict(model_state)
     teacher = model_state[key]
     heads = int(np.asarray(teacher["num_heads"]))
     loaded = load_vit_npz(path, teacher, heads, prefix=teacher_cfg.get("prefix", "auto"))

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from test_train_run import tiny_config
 
+from visual_tokenizers.configs import vq_b16
+from visual_tokenizers.core.data.decoding import DataError
 from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint, loop
 from visual_tokenizers.jobs import train_tokenizer
@@ -135,3 +137,16 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
     error_lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(error_lines) == 1 and "imagenet2013" in error_lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_full_config_without_the_dataset_fails_on_the_data_before_models_or_weights(
+    tmp_path, monkeypatch
+):
+    """ViT-B and the LPIPS VGG16 are not built or fetched before the data is found."""
+    monkeypatch.setenv("TOKENIZERS_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("TOKENIZERS_OFFLINE", "1")
+    config = vq_b16.get_config()
+    assert config.loss.perceptual_weight > 0  # the weights a wrong order would reach for
+    config.data.data_dir = str(tmp_path / "no_tfds_here")
+    with pytest.raises(DataError, match="imagenet2012"):
+        train_tokenizer.run(config, str(tmp_path / "run"))

@@ -305,6 +305,19 @@ def batches(
     )
 
 
+def check_sources(config) -> None:
+    """Opens a training job's train and evaluation sources (listing files or finding the
+    prepared TFDS dataset; nothing is decoded), so missing or misnamed data is reported before
+    any model is built or weights are loaded."""
+    d = config.data
+    data_dir = d.data_dir or None
+    make_source(d.source, d.split, image_size=d.image_size, data_dir=data_dir)
+    if "eval" in config and config.eval.get("source"):
+        make_source(
+            config.eval.source, config.eval.split, image_size=d.image_size, data_dir=data_dir
+        )
+
+
 def training_batches(config, *, start_step: int) -> BatchIterator:
     """A training job's train stream: config.data.{source, split, image_size, batch_size,
     data_dir} and config.seed, resumed at `start_step`."""

@@ -50,7 +50,8 @@ def _may_change(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
 
-def _has_checkpoint(workdir: str) -> bool:
+def has_checkpoint(workdir: str) -> bool:
+    """Whether a rerun in `workdir` resumes (it holds a checkpoint step)."""
     folder = os.path.join(workdir, "checkpoints")
     return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
@@ -58,7 +59,7 @@ def _has_checkpoint(workdir: str) -> bool:
 def check_config(config, workdir: str) -> None:
     """Refuses to resume `workdir` under `config` when settings that define the run changed
     (ConfigError naming each key, old and new value); logs the changes that are allowed."""
-    if not _has_checkpoint(workdir):
+    if not has_checkpoint(workdir):
         return
     step, saved = checkpoint.read_config(workdir)
     refused, allowed = [], []
