@@ -82,8 +82,8 @@ def test_guard_names_the_loss_and_the_gradient_norm():
     assert "step 6 in ckpts" in message
 
 
-def _cli(workdir, *overrides):
-    args = [f"--config.{k}" for k in overrides]
+def _cli(workdir, *overrides, flags=()):
+    args = [f"--config.{k}" for k in overrides] + list(flags)
     return subprocess.run(
         [
             sys.executable,
@@ -132,6 +132,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
         f"error: --workdir={a_file} is a file; pass a directory (new or old) "
         "(--verbose shows the traceback)"
     ]
+    proc = _cli(a_file, flags=["--verbose"])
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "WorkdirError" in proc.stderr
     proc = _cli(tmp_path / "w", "data.source=tfds:imagenet2013")
     assert proc.returncode == 2
     error_lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
@@ -150,3 +152,9 @@ def test_full_config_without_the_dataset_fails_on_the_data_before_models_or_weig
     config.data.data_dir = str(tmp_path / "no_tfds_here")
     with pytest.raises(DataError, match="imagenet2012"):
         train_tokenizer.run(config, str(tmp_path / "run"))
+
+
+def test_divergence_exits_with_its_own_code(tmp_path):
+    proc = _cli(tmp_path, "optimizer.lr=1e39", "log_every=1", "num_steps=5")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "error: training diverged at step 1" in proc.stderr
