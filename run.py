@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import logging
 import os
 import sys
@@ -78,8 +77,10 @@ def job_module(name: str):
 
 
 def config_json(config) -> str:
-    """The resolved config as JSON (tuples become lists)."""
-    return json.dumps(config.to_dict(), indent=2, default=str)
+    """The resolved config as strict JSON (tuples become lists, NaN/inf null)."""
+    from visual_tokenizers.core import files
+
+    return files.json_text(config.to_dict(), indent=2, default=str)
 
 
 def _config_overrides(argv) -> tuple[str | None, list[str]]:
@@ -215,7 +216,7 @@ def _main(argv) -> dict | None:
         files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     result = run_job(config, workdir)
     if jax.process_index() == 0:
-        print(json.dumps(result, default=float), flush=True)
+        print(files.json_text(result, default=float), flush=True)  # strict: NaN as null
     return result
 
 

@@ -5,6 +5,11 @@ Atomic writes: a file is written under a hidden temporary name next to its final
 complete. A kill (even kill -9) leaves at most the hidden temporary file, which globs such as
 `*.npz` never match and `temp_pattern` finds for clean-up.
 
+Strict JSON: every JSON file and line written here is valid for strict parsers. Python's json
+module would write NaN and Infinity as bare `NaN`/`Infinity` tokens, which JSON does not have;
+`finite_json` maps every non-finite float (Python, numpy scalar or array element) to None, so it
+is written as `null`, and the writers pass `allow_nan=False` so nothing slips through.
+
 Settings: a job whose output can be resumed records the settings that decide that output;
 a rerun with other settings would mix two results, so it is refused with an error that names
 each setting that differs (old and new value) and the fix.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 
 import numpy as np
@@ -67,15 +73,49 @@ def json_default(x):
     return str(x)
 
 
+def finite_json(obj, default=json_default):
+    """`obj` as plain JSON values, NaN and +-inf replaced by None (written as `null`).
+
+    Recurses through dicts, lists and tuples; numpy scalars and arrays (and anything with
+    `__array__`, e.g. jax arrays) become numbers and lists; other objects go through `default`
+    once. A missing number reads back as null rather than as a token strict parsers reject.
+    """
+    if isinstance(obj, float):  # np.float64 included
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str | int):  # bool included
+        return obj
+    if isinstance(obj, dict):
+        return {_json_key(k): finite_json(v, default) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v, default) for v in obj]
+    if isinstance(obj, np.generic | np.ndarray) or hasattr(obj, "__array__"):
+        return finite_json(np.asarray(obj).tolist(), default)
+    converted = default(obj)
+    if type(converted) is type(obj):  # `default` could not convert it: let json say so
+        return converted
+    return finite_json(converted, default)
+
+
+def _json_key(key):
+    return key.item() if isinstance(key, np.generic) else key
+
+
+def json_text(obj, *, default=json_default, indent: int | None = None) -> str:
+    """Strict JSON text of `obj` (non-finite floats as null, see `finite_json`)."""
+    return json.dumps(finite_json(obj, default), indent=indent, default=default, allow_nan=False)
+
+
 def as_json(obj, default=json_default):
-    """`obj` as it reads back from a JSON file (tuples become lists, numpy scalars numbers)."""
-    return json.loads(json.dumps(obj, default=default))
+    """`obj` as it reads back from a JSON file (tuples become lists, numpy scalars numbers,
+    NaN/inf None)."""
+    return json.loads(json_text(obj, default=default))
 
 
 def write_json(path: str, obj, *, default=json_default, indent: int = 1) -> None:
-    """Writes `obj` as JSON to `path` atomically."""
+    """Writes `obj` as strict JSON to `path` atomically (non-finite floats as null)."""
+    text = json_text(obj, default=default, indent=indent)
     with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, default=default)
+        f.write(text)
 
 
 def save_npz(path: str, **arrays) -> None:

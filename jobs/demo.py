@@ -68,7 +68,7 @@ class Stages:
             return self.done[name]["result"]
         logging.info("demo: stage %s", name)
         start = time.perf_counter()
-        result = json.loads(json.dumps(fn(), default=float))
+        result = files.as_json(fn(), default=float)  # as stages.json will hold it
         if any(isinstance(r, dict) and r.get("stopped_early") for r in (result, *result.values())):
             raise StageStopped(name, result)  # Not recorded: a rerun resumes the stage.
         self.done[name] = {

@@ -5,8 +5,24 @@ config.mode = 'tokenizer': reconstruct a data split with a train_tokenizer run's
 config.mode = 'samples': an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels) -> gfid,
   inception_score, precision, recall (+ shapes_accuracy, shapes_fd) against a reference npz (mu,
   sigma and/or arr_0 images) or the cached statistics of a data source.
-Results go to WORKDIR/metrics.json and the console. The networks (FID Inception, LPIPS, shapes
-classifier) run jitted with the batch sharded over the mesh (core.evaluation.metrics.ShardedApply).
+Results go to WORKDIR/metrics.json (strict JSON: a number that is not finite is null) and the
+console. The networks (FID Inception, LPIPS, shapes classifier) run jitted with the batch sharded
+over the mesh (core.evaluation.metrics.ShardedApply).
+
+The shapes signals (`shapes_accuracy`, `shapes_fd`; metric 'shapes') come from a classifier of
+the 10 classes of builtin:shapes and builtin:shapes_plain, so they mean nothing on other images
+(a photograph scores shapes_accuracy 0). They are computed only where they apply:
+  tokenizer mode: when the evaluated data source is builtin:shapes or builtin:shapes_plain;
+  samples mode: unless the file says it shows other classes: jobs/sample.py's samples.json next
+    to a samples.npz lists class names other than the shape classes, or arr_1 holds labels
+    outside the shape classes 0..9. When nothing tells (a bare npz, no or in-range labels) they
+    are computed as asked, and metrics.json says so in `shapes_unverified`.
+Where they do not apply they are skipped, not computed: a logged warning and `shapes_skipped` in
+metrics.json say why.
+
+Degenerate inputs are refused with a DataError naming the file or data and the fix: an empty or
+malformed samples file (core/evaluation/npz_images.py), labels that do not match the images, and
+fewer images than a statistic needs (FID and shapes_fd: 2, precision/recall: more than pr_k).
 """
 
 from __future__ import annotations
@@ -21,7 +37,10 @@ import numpy as np
 
 from visual_tokenizers.configs import shapes_classifier
 from visual_tokenizers.configs.evaluate import SAMPLE_METRICS, TOKENIZER_METRICS
+from visual_tokenizers.core import files
 from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.data.builtin import SHAPE_CLASSES
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.evaluation import metrics
 from visual_tokenizers.core.evaluation.reference import (
     FidReference,
@@ -49,6 +68,9 @@ def validate(config) -> None:
         raise ValueError("mode 'tokenizer' needs --config.tokenizer.workdir=<train_tokenizer run>")
     if config.mode == "samples" and not config.samples.path:
         raise ValueError("mode 'samples' needs --config.samples.path=<npz with arr_0>")
+    for key in ("num_examples", "pr_k", "is_split_size"):
+        if config[key] < 1:
+            raise ConfigError(f"config.{key}={config[key]} must be at least 1")
 
 
 def run(config, workdir: str) -> dict:
@@ -80,6 +102,71 @@ def shapes_apply(config, workdir: str, mesh) -> metrics.ShardedApply:
     return metrics.ShardedApply(model, lambda m, x: m.features_and_logits(x), mesh)
 
 
+# ----------------------------------------------------------------------------- degenerate inputs
+
+SHAPES_SOURCES = ("builtin:shapes", "builtin:shapes_plain")  # the shapes classifier's images
+SAMPLES_RECORD = "samples.json"  # what jobs/sample.py writes next to its samples.npz
+
+
+def check_count(n: int, wanted: set, config, what: str) -> None:
+    """Raises a DataError when `n` images are too few for a statistic in `wanted`."""
+    need = {
+        "fid": ("FID", 2),  # a covariance needs two points
+        "shapes": ("shapes_fd", 2),
+        "pr": (f"precision/recall with pr_k={config.pr_k}", config.pr_k + 1),
+        "is": ("the Inception Score", 1),
+    }
+    short = [f"{name} needs at least {least}" for m, (name, least) in need.items()
+             if m in wanted and n < least]  # fmt: skip
+    if short:
+        raise data.DataError(
+            f"{what} gives {n} image(s): {'; '.join(short)}. Evaluate more images, or leave "
+            "those metrics out of config.metrics"
+        )
+
+
+def shapes_skip_for_source(spec: str) -> str | None:
+    """Why the shapes signals do not apply to reconstructions of `spec`, or None."""
+    if spec in SHAPES_SOURCES:
+        return None
+    return (
+        f"the evaluated data {spec} is not builtin:shapes or builtin:shapes_plain, whose 10 "
+        "classes are all the shapes classifier knows"
+    )
+
+
+def shapes_skip_for_samples(reader) -> tuple[str | None, str | None]:
+    """(why the shapes signals do not apply to the samples, or None; if they may: a note when
+    nothing confirms the samples show the shape classes)."""
+    folder, name = os.path.split(os.path.abspath(reader.path))
+    record = os.path.join(folder, SAMPLES_RECORD)
+    names = None
+    if name == "samples.npz" and os.path.isfile(record):
+        with open(record) as f:
+            names = json.load(f).get("class_names") or None
+    if names is not None:
+        if [str(n) for n in names] == list(SHAPE_CLASSES[: len(names)]):  # a model may use fewer
+            return None, None
+        shown = ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else "")
+        return f"{record} says the samples show the classes {shown}, not builtin shapes", None
+    labels, classes = reader.labels, len(SHAPE_CLASSES)
+    if labels is not None and (labels.min() < 0 or labels.max() >= classes):
+        return (
+            f"arr_1 of {reader.path} holds labels {labels.min()}..{labels.max()}, not the "
+            f"{classes} shape classes 0..{classes - 1}: these are not samples of builtin:shapes",
+            None,
+        )
+    return None, (
+        f"nothing says what {reader.path} shows; shapes_* assume samples of the builtin:shapes "
+        "classes (arr_1 = class id, as jobs/sample.py writes)"
+    )
+
+
+def _skip_shapes(results: dict, reason: str) -> None:
+    logging.warning("evaluate: shapes_accuracy and shapes_fd skipped: %s", reason)
+    results["shapes_skipped"] = reason
+
+
 # ----------------------------------------------------------------------------- tokenizer mode
 
 
@@ -91,7 +178,13 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
     d, held_out = tok.config.data, tok.config.eval
     spec, split = config.data.source or held_out.source, config.data.split or held_out.split
     size, data_dir = config.data.image_size or d.image_size, config.data.data_dir or d.data_dir
+    results = {"tokenizer": os.path.abspath(config.tokenizer.workdir), "step": tok.step}
     wanted = set(config.metrics)
+    skip = shapes_skip_for_source(spec) if "shapes" in wanted else None
+    if skip:
+        _skip_shapes(results, skip)
+        wanted.discard("shapes")
+    check_count(config.num_examples, wanted, config, "config.num_examples")
     eval_step = jax.jit(
         evaluation.make_eval_step(tok.model_def),
         in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
@@ -126,19 +219,25 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         seed=config.seed,
         data_dir=data_dir or None,
     )
+    where = f"{spec}:{split}"
+    empty = f"{where} gave no image to evaluate (empty, or every image unreadable); check data.*"
     out = evaluation.reconstruction_pass(
-        reconstruct, batches, config.num_examples, mesh, tok.vocab, **nets
+        reconstruct, batches, config.num_examples, mesh, tok.vocab, empty=empty, **nets
     )
-    results = {"tokenizer": os.path.abspath(config.tokenizer.workdir), "step": tok.step}
-    results.update(data=f"{spec}:{split} at {size}px", num_examples=len(out["psnr"]))
-    for key in ("psnr", "ssim", "lpips"):
-        if key in out and (key in wanted):
-            results[key] = float(np.mean(out[key]))
+    check_count(len(out["psnr"]), wanted, config, where)
+    results.update(data=f"{where} at {size}px", num_examples=len(out["psnr"]))
+    return {**results, **_measured(out, wanted, fid, nets["shapes"])}
+
+
+def _measured(out: dict, wanted: set, fid, shapes) -> dict:
+    """The tokenizer-mode numbers from the reconstruction pass's outputs."""
+    results = {key: float(np.mean(out[key])) for key in ("psnr", "ssim", "lpips") if key in out}
+    results = {key: value for key, value in results.items() if key in wanted}
     if "usage" in wanted:
         results.update(out["codebook"])
     if fid is not None:
         results.update(fid.result(out, "rfid"))
-    if nets["shapes"] is not None:
+    if shapes is not None:
         results["shapes_accuracy"] = float(np.mean(out["shapes_correct"]))
         results["shapes_fd"] = metrics.frechet_distance_of(
             out["shapes_features"], out["shapes_reference"]
@@ -152,7 +251,16 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
 def evaluate_samples(config, workdir: str, mesh) -> dict:
     """gFID, IS, precision/recall and shapes signals of an ADM-format sample file."""
     wanted = set(config.metrics)
-    reader = metrics.NpzImages(config.samples.path)
+    reader = metrics.NpzImages(config.samples.path, "samples file")
+    results = {"samples": os.path.abspath(config.samples.path), "num_samples": reader.num_images}
+    skip, unverified = shapes_skip_for_samples(reader) if "shapes" in wanted else (None, None)
+    if skip:
+        _skip_shapes(results, skip)
+        wanted.discard("shapes")
+    elif unverified:
+        logging.warning("evaluate: shapes_accuracy and shapes_fd unverified: %s", unverified)
+        results["shapes_unverified"] = unverified
+    check_count(reader.num_images, wanted, config, f"samples file {config.samples.path}")
     inception = fid = None
     if wanted & {"fid", "is", "pr"}:
         inception, sha = evaluation.inception_apply(config.weights.inception, mesh)
@@ -178,7 +286,6 @@ def evaluate_samples(config, workdir: str, mesh) -> dict:
             for key, value in shapes.replicated(images).items():
                 out[f"shapes_{key}"].append(value[:count])
     out = {k: np.concatenate(v) for k, v in out.items()}
-    results = {"samples": os.path.abspath(config.samples.path), "num_samples": reader.num_images}
     if inception is not None:
         results["inception_sha256"] = sha
     if "is" in wanted:
@@ -197,9 +304,9 @@ def shapes_of_samples(config, out: dict, reader, shapes) -> dict:
     """shapes_accuracy (needs arr_1 labels) and shapes_fd against the test images of
     config.shapes.reference (builtin:shapes or builtin:shapes_plain)."""
     results = {}
-    if reader.labels is not None:
+    if reader.labels is not None:  # NpzImages checked: one label per image
         predicted = out["shapes_logits"].argmax(-1)
-        results["shapes_accuracy"] = float((predicted == reader.labels[: len(predicted)]).mean())
+        results["shapes_accuracy"] = float((predicted == reader.labels).mean())
     reference = source_outputs(
         config.shapes.reference,
         "test",
@@ -215,12 +322,10 @@ def shapes_of_samples(config, out: dict, reader, shapes) -> dict:
 
 
 def report(results: dict, workdir: str) -> None:
-    """WORKDIR/metrics.json plus one console line per number."""
+    """WORKDIR/metrics.json (strict JSON, written atomically) plus one console line per number."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    files.write_json(os.path.join(workdir, "metrics.json"), results, default=float, indent=2)
     for key, value in results.items():
         shown = f"{value:.4f}" if isinstance(value, float) else value
         logging.info("evaluate: %-20s %s", key, shown)

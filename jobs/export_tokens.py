@@ -18,6 +18,11 @@ device encodes batch b, core/data's threads decode the next images, the host tur
 into rows and a writer thread writes finished shards. Process 0 writes the manifest after a
 sync; it reads every shard, so the output directory must be shared by all hosts.
 
+Degenerate data: unreadable images are skipped, counted and listed in the manifest
+(`unreadable_keys`); when no image at all is readable (every file tried is unreadable, or the
+source is empty) the export fails with an ExportError naming the source and the counts, and
+writes no manifest. stats.json and the manifest are strict JSON (a NaN statistic is null).
+
 Resume: shard s of process p always holds the same examples (core.token_shards.Plan) and is
 renamed into place only when complete, so rerunning the same command skips complete shards,
 redoes partial ones and ends with every example exactly once. Rerunning on an existing OUT
@@ -164,6 +169,7 @@ def export(config, workdir: str) -> dict:
     seconds = time.perf_counter() - start
     codebooks = tok.codebook_arrays()
     multihost_utils.sync_global_devices("export_tokens: shards written")
+    manifest_lib.refuse_empty(workdir, plan, source)
     # images_per_s: the encode pipeline (data, device, shard writes); restore and compilation
     # are one-off costs, the manifest's pass over every shard is timed as finalize_seconds.
     result = {"examples_encoded": job.rows, "seconds": seconds, "shards_skipped": len(have)}

@@ -225,7 +225,12 @@ def test_evaluate_samples(classifier, tmp_path):
     reference, _ = _shapes("train", 0, 2 * N)
     config = evaluate_config.get_config("samples")
     config.metrics = ("fid", "is", "pr", "shapes")
-    config.samples.update(path=_write_samples(tmp_path / "s.npz", images, labels), batch_size=8)
+    config.samples.update(
+        path=_write_samples(tmp_path / "samples.npz", images, labels), batch_size=8
+    )
+    # As jobs/sample.py records them: samples of the shape classes, so the shapes signals apply.
+    names = list(builtin_data.SHAPE_CLASSES)
+    (tmp_path / "samples.json").write_text(json.dumps({"class_names": names}))
     config.reference.path = _write_samples(tmp_path / "ref.npz", reference)  # ADM-style arr_0.
     config.weights.inception = "inception.pth"
     config.shapes.classifier_workdir = classifier[0]
@@ -239,6 +244,7 @@ def test_evaluate_samples(classifier, tmp_path):
     expected = metrics.precision_recall(theirs["pool"], ours["pool"], k=3)
     assert (results["precision"], results["recall"]) == pytest.approx(expected, abs=1e-9)
     assert results["num_samples"] == N and results["shapes_accuracy"] >= 0.9  # Real shapes.
+    assert "shapes_unverified" not in results and "shapes_skipped" not in results
     # Statistics given as mu/sigma give the same gFID; noise is far from the shapes.
     metrics.save_stats(str(tmp_path / "stats.npz"), theirs["pool"])
     config.reference.path = str(tmp_path / "stats.npz")
@@ -249,6 +255,7 @@ def test_evaluate_samples(classifier, tmp_path):
     expected = metrics.frechet_distance_of(_features(noise)["pool"], theirs["pool"])
     assert again["gfid"] == pytest.approx(expected, rel=1e-4)
     assert again["shapes_fd"] > 2 * results["shapes_fd"] and "shapes_accuracy" not in again
+    assert "nothing says what" in again["shapes_unverified"]  # a bare npz: computed as asked
 
 
 def test_samples_against_a_cached_data_source(tmp_path, offline_cache):

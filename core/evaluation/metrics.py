@@ -8,7 +8,7 @@
 - `ShardedApply`: a network applied jitted to batches sharded over the mesh's batch axes,
   with host batches padded to a multiple of the batch parallelism.
 - Reference statistics as npz files (`mu`, `sigma`; ADM reference batches also hold `arr_0`),
-  cached per data source; ADM-format sample files streamed batch by batch.
+  cached per data source; ADM-format sample files streamed batch by batch (npz_images.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import re
-import zipfile
 
 import dm_pix
 import jax
@@ -29,6 +28,8 @@ from jax.experimental import multihost_utils
 from scipy import linalg
 
 from visual_tokenizers.core import files
+from visual_tokenizers.core.data.decoding import DataError
+from visual_tokenizers.core.evaluation.npz_images import NpzImages, pad_batch  # noqa: F401
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens.layout import Vocab, join_groups
 
@@ -88,7 +89,10 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance) in float64, covariance as np.cov(rowvar=False) (n - 1 normalised)."""
     features = np.asarray(features, np.float64)
     if len(features) < 2:
-        raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
+        raise DataError(
+            f"a Fréchet distance (FID) needs at least 2 images for a covariance, got "
+            f"{len(features)}; evaluate more images (FID is usually reported on 50,000)"
+        )
     return features.mean(0), np.cov(features, rowvar=False)
 
 
@@ -156,7 +160,10 @@ def manifold_radii(features, k: int = 3, rows: int = 1024) -> np.ndarray:
     """Squared distance of each feature to its k-th nearest other feature (self excluded)."""
     features = np.asarray(features, np.float32)
     if len(features) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples")
+        raise DataError(
+            f"precision/recall with k={k} needs more than {k} images on each side, got "
+            f"{len(features)}; evaluate more images or lower config.pr_k"
+        )
     radii = np.empty(len(features), np.float32)
     for start, d in _blocks(features, features, rows):
         radii[start : start + len(d)] = np.partition(d, k, axis=1)[:, k]  # Index 0 is self.
@@ -256,77 +263,17 @@ def load_reference(path: str) -> dict:
     """Statistics (`mu`, `sigma`, cached `pool` features) of a reference npz, and whether it
     holds images (`arr_0`, as ADM reference batches do: stream them with NpzImages)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference file {path} does not exist")
+        raise DataError(f"reference file {path} does not exist; check config.reference.path")
     with np.load(path) as f:
         keys = sorted(f.files)
         found = {k: f[k] for k in keys if k in ("mu", "sigma", "pool")}  # arr_0 stays on disk.
     found["has_images"] = "arr_0" in keys
     if not ("mu" in found and "sigma" in found) and not found["has_images"]:
-        raise ValueError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {keys}")
+        raise DataError(
+            f"reference file {path} holds neither statistics (mu, sigma) nor images (arr_0): "
+            f"{keys}; save one with metrics.save_stats or use an ADM reference batch"
+        )
     return found
-
-
-class NpzImages:
-    """Streams `arr_0` (uint8 NHWC) of an ADM-format npz batch by batch; `arr_1` labels if any.
-
-    50,000 samples at 256x256 are ~10 GB: reading the array whole is not an option.
-    """
-
-    def __init__(self, path: str):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"sample file {path} does not exist")
-        self.path = path
-        with zipfile.ZipFile(path) as archive:
-            if "arr_0.npy" not in archive.namelist():
-                raise ValueError(f"{path}: no arr_0; ADM format is np.savez(path, images, labels)")
-            with archive.open("arr_0.npy") as f:
-                shape, dtype, _ = _npy_header(f)
-            self.labels = None
-            if "arr_1.npy" in archive.namelist():
-                with archive.open("arr_1.npy") as f:
-                    self.labels = np.load(f)
-        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-            raise ValueError(
-                f"{path}: arr_0 is {dtype} {shape}; store samples losslessly as uint8 NHWC RGB "
-                "(clamp and round before saving)"
-            )
-        self.num_images, self.image_size = shape[0], shape[1]
-        self._frame_bytes = int(np.prod(shape[1:]))
-        self._shape = shape[1:]
-
-    def num_batches(self, batch_size: int) -> int:
-        return -(-self.num_images // batch_size)
-
-    def batches(self, batch_size: int):
-        """Yields (images padded to batch_size by repeating the last one, number valid)."""
-        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
-            _npy_header(f)
-            for start in range(0, self.num_images, batch_size):
-                count = min(batch_size, self.num_images - start)
-                raw = f.read(count * self._frame_bytes)
-                images = np.frombuffer(raw, np.uint8).reshape(count, *self._shape)
-                yield pad_batch(images, batch_size), count
-
-
-def _npy_header(f) -> tuple:
-    version = np.lib.format.read_magic(f)
-    read = {
-        (1, 0): np.lib.format.read_array_header_1_0,
-        (2, 0): np.lib.format.read_array_header_2_0,
-    }
-    if version not in read:
-        raise ValueError(f"unsupported .npy version {version} inside the npz")
-    shape, fortran, dtype = read[version](f)
-    if fortran:
-        raise ValueError("Fortran-ordered arr_0 is not supported; save a C-ordered array")
-    return shape, dtype, version
-
-
-def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """Pads a short final batch to `size` rows by repeating its last row (masked out later)."""
-    if len(images) == size:
-        return images
-    return np.concatenate([images, np.repeat(images[-1:], size - len(images), 0)])
 
 
 def stats_cache_path(spec: str, split: str, image_size: int, num: int, weights_sha: str) -> str:

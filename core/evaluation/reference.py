@@ -92,12 +92,15 @@ class FidReference:
         found = metrics.load_reference(path)
         self.name = os.path.abspath(path)
         if found["has_images"] and (need_pool or "mu" not in found):
-            reader, pools = metrics.NpzImages(path), []
+            reader, pools = metrics.NpzImages(path, "reference file", labels=False), []
             for images, count in progress(reader.batches(self.batch_size), "reference images"):
                 pools.append(self.inception.replicated(images)["pool"][:count])
             self.pool = np.concatenate(pools)
         if need_pool and self.pool is None:
-            raise ValueError(f"precision/recall need reference images (arr_0); {path} has none")
+            raise data.DataError(
+                f"precision/recall need reference images (arr_0); {path} has none: use an ADM "
+                "reference batch or --config.reference.source"
+            )
         if "mu" in found:
             self.stats = (found["mu"], found["sigma"])
         else:

@@ -7,13 +7,13 @@ leaves carry the current run's shardings, so a checkpoint written on one mesh lo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from visual_tokenizers.core import files
 from visual_tokenizers.core.errors import UserError
 
 
@@ -50,7 +50,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, config_dict: dict, *, fo
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(json.loads(json.dumps(config_dict, default=str))),
+            config=ocp.args.JsonSave(files.as_json(config_dict, default=str)),  # NaN as null
         ),
         force=force,
     )

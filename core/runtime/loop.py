@@ -9,7 +9,6 @@ written).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visual_tokenizers.core import files
 from visual_tokenizers.core.errors import Diverged
 from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
@@ -51,7 +51,7 @@ class MetricWriter:
         scalars = {prefix + k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         for key, value in scalars.items():
             self.tb.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.write(files.json_text({"step": step, **scalars}) + "\n")  # NaN as null
         self.jsonl.flush()
 
     def close(self):

@@ -15,6 +15,7 @@ import logging
 import os
 
 import numpy as np
+from jax.experimental import multihost_utils
 
 from visual_tokenizers.core import files
 from visual_tokenizers.core.errors import UserError
@@ -72,6 +73,27 @@ def scan_shards(output_dir: str, relpaths: list[str], layout, stats: token_stats
             }
         )
     return entries, seen
+
+
+def refuse_empty(workdir: str, plan: shards_lib.Plan, source) -> None:
+    """An ExportError on every process when the shards hold no row at all: a source whose every
+    image is unreadable (or an empty one) must not pass for a finished export. Some unreadable
+    images are fine: they are skipped, counted and listed in the manifest."""
+    mine = shards_lib.count_rows(workdir, plan.shard_names(plan.process_index))
+    counts = np.array([mine, source.num_skipped], np.int64)
+    if plan.process_count > 1:
+        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+    rows, skipped = (int(c) for c in counts)
+    if rows:
+        return
+    reasons = list(getattr(source, "skipped", {}).values())[:1]
+    example = f" (e.g. {reasons[0]})" if reasons else ""
+    raise ExportError(
+        f"{source.name}: no readable image to export: {plan.num_examples} example(s) tried, "
+        f"{skipped} unreadable in this run{example}, 0 rows written. Fix or replace the files "
+        "(or point config.data.source at the right data), then rerun with a fresh --workdir "
+        "(this one holds only empty shards)"
+    )
 
 
 def finalize(output_dir, spec, info, relpaths, layout, *, expected_keys, codebooks, top_k=20):

@@ -95,6 +95,12 @@ def read_shard(path: str) -> tuple[list[str], np.ndarray | None, np.ndarray]:
     return keys, labels, values.reshape(len(column), length)
 
 
+def count_rows(output_dir: str, relpaths: list[str]) -> int:
+    """Rows in the shards that exist among `relpaths` (Parquet footers only: cheap)."""
+    paths = [os.path.join(output_dir, rel) for rel in relpaths]
+    return sum(pq.read_metadata(p).num_rows for p in paths if os.path.exists(p))
+
+
 # ----------------------------------------------------------------------------- plan
 
 

@@ -5,6 +5,10 @@ with a fitted Zipf exponent, entropy in bits per token against log2 of the vocab
 fraction of the vocabulary used, the conditional entropy of a token given its raster
 predecessor, and the most frequent tokens. `TokenStats` accumulates counts shard by shard, so a
 whole dataset never has to sit in memory; `plot_rank_frequency` draws the log-log curve.
+
+A statistic that is undefined for the data (a Zipf fit of fewer than 2 used tokens, the
+conditional entropy of sequences of one token) is NaN here and `null` in stats.json, which
+core/files.py writes as strict JSON.
 """
 
 from __future__ import annotations
