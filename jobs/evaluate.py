@@ -58,16 +58,16 @@ def validate(config) -> None:
     """Raises a ValueError naming the bad setting."""
     allowed = {"tokenizer": TOKENIZER_METRICS, "samples": SAMPLE_METRICS}.get(config.mode)
     if allowed is None:
-        raise ValueError(f"config.mode={config.mode!r}; use 'tokenizer' or 'samples'")
+        raise ConfigError(f"config.mode={config.mode!r}; use 'tokenizer' or 'samples'")
     unknown = [m for m in config.metrics if m not in allowed]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config.metrics {unknown} not available in mode {config.mode!r}: {allowed}"
         )
     if config.mode == "tokenizer" and not config.tokenizer.workdir:
-        raise ValueError("mode 'tokenizer' needs --config.tokenizer.workdir=<train_tokenizer run>")
+        raise ConfigError("mode 'tokenizer' needs --config.tokenizer.workdir=<train_tokenizer run>")
     if config.mode == "samples" and not config.samples.path:
-        raise ValueError("mode 'samples' needs --config.samples.path=<npz with arr_0>")
+        raise ConfigError("mode 'samples' needs --config.samples.path=<npz with arr_0>")
     for key in ("num_examples", "pr_k", "is_split_size"):
         if config[key] < 1:
             raise ConfigError(f"config.{key}={config[key]} must be at least 1")
@@ -78,7 +78,7 @@ def run(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     for name, size in (("data", config.data.batch_size), ("samples", config.samples.batch_size)):
         if size % mesh_lib.batch_parallelism(mesh):
-            raise ValueError(
+            raise ConfigError(
                 f"config.{name}.batch_size={size} must be a multiple of the data x fsdp mesh "
                 f"size {mesh_lib.batch_parallelism(mesh)}"
             )

@@ -41,6 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens import manifest as manifest_lib
@@ -65,18 +66,18 @@ def run(config, workdir: str) -> dict:
 def validate_config(config, require_tokenizer: bool = True) -> None:
     """Raises ValueError naming the key and the fix for settings that cannot work."""
     if config.mode not in MODES:
-        raise ValueError(f"config.mode={config.mode!r} is unknown; choose one of {MODES}")
+        raise ConfigError(f"config.mode={config.mode!r} is unknown; choose one of {MODES}")
     if require_tokenizer and config.mode == "export" and not config.tokenizer.workdir:
-        raise ValueError(
+        raise ConfigError(
             "config.tokenizer.workdir is empty: pass the workdir of a tokenizer training run, "
             "e.g. --config.tokenizer.workdir=runs/vq_tiny"
         )
     for key, value in (("data.batch_size", config.data.batch_size),
                        ("rows_per_shard", config.rows_per_shard)):  # fmt: skip
         if value <= 0:
-            raise ValueError(f"config.{key}={value} must be positive")
+            raise ConfigError(f"config.{key}={value} must be positive")
     if config.data.max_examples < 0 or config.vocab_offset < 0:
-        raise ValueError("config.data.max_examples and config.vocab_offset must be >= 0")
+        raise ConfigError("config.data.max_examples and config.vocab_offset must be >= 0")
 
 
 def make_plan(config, source, mesh) -> shards_lib.Plan:
@@ -84,7 +85,7 @@ def make_plan(config, source, mesh) -> shards_lib.Plan:
     processes = jax.process_count()
     batch_size, most = config.data.batch_size, config.data.max_examples
     if batch_size % parallel or batch_size % processes:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.batch_size={batch_size} must be a multiple of the data x fsdp mesh "
             f"size {parallel} and of the {processes} processes"
         )

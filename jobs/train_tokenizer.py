@@ -14,7 +14,6 @@ import os
 import jax
 from flax import nnx
 
-from visual_tokenizers.core import weights
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.data.images import save_grid
 from visual_tokenizers.core.runtime import mesh as mesh_lib
@@ -44,15 +43,15 @@ def perceptual_network(config):
     return graphdef, weights.to_pure_dict()
 
 
-def check_inputs(config, *, fresh: bool):
+def check_inputs(config, mesh, *, fresh: bool):
     """Everything a run reads besides its own checkpoints, checked before any model is built:
-    the data sources, the teacher weights (read at a fresh start only), the FID Inception
-    weights; returns `perceptual_network(config)` (the LPIPS weights are loaded here)."""
+    the data sources, the teacher weights (read at a fresh start only), the FID Inception (loaded
+    now, kept for the rFID evaluations); returns `perceptual_network(config)` (LPIPS loaded)."""
     data.check_sources(config)
     if fresh and "teacher" in config:
         teacher.check_weights(config.teacher, warn=False)
     if config.eval.get("fid_every", 0):
-        weights.fetch(weights.FID_INCEPTION, config.eval.get("fid_inception_weights") or None)
+        evaluation.inception_apply(config.eval.get("fid_inception_weights", ""), mesh)
     return perceptual_network(config)
 
 
@@ -137,7 +136,7 @@ def run(config, workdir: str) -> dict:
     )
     mesh = job.mesh
     fresh = not resume.has_checkpoint(workdir) and not config.init_from
-    perceptual = check_inputs(config, fresh=fresh)
+    perceptual = check_inputs(config, mesh, fresh=fresh)
     model_fn = builders.model_fn_from_config(config)
     optimizer = builders.optimizer_from_config(config)
     disc = builders.discriminator_from_config(config)

@@ -14,6 +14,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from visual_tokenizers.core.data import pipeline as data
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.evaluation import metrics
 
 PR_REFERENCE_MAX = 10_000  # Pool features kept for precision/recall (ADM: a 10k batch).
@@ -75,7 +76,7 @@ class FidReference:
             source = (ref["source"], ref.get("split") or "train", ref["image_size"], num)
             source += (ref.get("data_dir", ""),)
         if source is None:
-            raise ValueError(
+            raise ConfigError(
                 "set --config.reference.path (npz with mu/sigma or arr_0, e.g. ADM's "
                 "VIRTUAL_imagenet256_labeled.npz) or --config.reference.source (a data source)"
             )
