@@ -42,6 +42,13 @@ class WeightsUnavailable(UserError, FileNotFoundError):
     """A weights file is missing and could not be downloaded; the message says where to put it."""
 
 
+class WrongWeights(UserError, KeyError, ValueError):
+    """A weights file that is damaged, or holds another network's weights."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsafePickleError(UserError, pickle.UnpicklingError):
     """A .pth file asked for a global that a plain tensor state dict never needs."""
 
@@ -276,12 +283,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_pth(path: str) -> dict:
-    """A torch-saved state dict (zip or legacy format) as nested dicts of numpy arrays."""
-    if zipfile.is_zipfile(path):
-        result = _load_zip(path)
-    else:
-        result = _load_legacy(path)
-    return _materialize(result)
+    """A torch-saved state dict (zip or legacy format) as nested dicts of numpy arrays.
+
+    Raises UnsafePickleError for a file that asks to run code, WrongWeights for one that is
+    truncated or not a torch checkpoint at all."""
+    try:
+        if zipfile.is_zipfile(path):
+            return _materialize(_load_zip(path))
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip whose end (its directory) is missing
+                raise zipfile.BadZipFile("the zip archive is cut short")
+        return _materialize(_load_legacy(path))
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error) as err:
+        raise _damaged(path, err) from err
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
+        raise _damaged(path, err) from err
+
+
+def _damaged(path: str, err: Exception) -> WrongWeights:
+    return WrongWeights(
+        f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err}); the file "
+        "is damaged (e.g. a partial download) or not a weights file: delete it and fetch it again"
+    )
 
 
 def _load_zip(path: str):
@@ -350,8 +375,8 @@ def flatten_state_dict(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 def require(state: dict, key: str, shape: tuple, what: str) -> np.ndarray:
     """state[key] with the expected shape, or an error naming the file's problem."""
     if key not in state:
-        raise KeyError(f"{what}: the weights file has no entry {key!r}; is it the right file?")
+        raise WrongWeights(f"{what}: the weights file has no entry {key!r}; is it the right file?")
     value = np.asarray(state[key])
     if value.shape != tuple(shape):
-        raise ValueError(f"{what}: {key} has shape {value.shape}, expected {tuple(shape)}")
+        raise WrongWeights(f"{what}: {key} has shape {value.shape}, expected {tuple(shape)}")
     return value

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from visual_tokenizers.core import weights
+from visual_tokenizers.core.errors import UserError
 
 
 def _tensors():
@@ -147,3 +148,16 @@ def test_offline_error_names_url_and_path(tmp_path, monkeypatch):
 def test_explicit_path_must_exist(tmp_path):
     with pytest.raises(weights.WeightsUnavailable, match="no file"):
         weights.fetch(weights.VGG16, str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_weights_file_is_named_as_damaged(tmp_path, legacy, damage):
+    path = str(tmp_path / "w.pth")
+    torch.save(_tensors(), path, _use_new_zipfile_serialization=not legacy)
+    data = open(path, "rb").read()
+    damaged = {"truncated": data[: len(data) // 2], "garbage": os.urandom(2000), "empty": b""}
+    open(path, "wb").write(damaged[damage])
+    with pytest.raises(weights.WrongWeights, match="damaged .*fetch it again") as err:
+        weights.load_pth(path)
+    assert isinstance(err.value, UserError) and str(err.value).startswith(path)
