@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from collections.abc import Mapping
 
 import jax
@@ -183,8 +184,16 @@ def big_vision_to_vit(
 
 def load_vit_npz(path: str, like: Mapping, heads: int, *, prefix: str = "auto") -> dict:
     """Reads a big_vision-layout .npz into our ViTEncoder trunk layout (see module docstring)."""
-    with np.load(path) as npz:
-        return big_vision_to_vit(npz, like, heads, prefix=prefix, source=path)
+    try:
+        with np.load(path) as npz:
+            return big_vision_to_vit(npz, like, heads, prefix=prefix, source=path)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        if isinstance(err, TeacherWeightsError):
+            raise
+        raise TeacherWeightsError(
+            f"{path} is not a readable .npz ({type(err).__name__}: {err}); the file is damaged "
+            "(e.g. a partial copy) or not a weights file: copy it again"
+        ) from err
 
 
 def trunk_of(tree: Mapping) -> dict:

@@ -18,6 +18,7 @@ from visual_tokenizers.core.data.decoding import DataError
 from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint, loop
 from visual_tokenizers.jobs import train_tokenizer
+from visual_tokenizers.models.big_vision_npz import TeacherWeightsError, load_vit_npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,3 +159,11 @@ def test_divergence_exits_with_its_own_code(tmp_path):
     proc = _cli(tmp_path, "optimizer.lr=1e39", "log_every=1", "num_steps=5")
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "error: training diverged at step 1" in proc.stderr
+
+
+def test_a_damaged_teacher_file_is_named(tmp_path):
+    path = tmp_path / "teacher.npz"
+    np.savez(path, a=np.zeros((64, 64)))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(TeacherWeightsError, match="teacher.npz is not a readable .npz"):
+        load_vit_npz(str(path), {}, heads=4)
