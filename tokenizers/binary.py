@@ -29,6 +29,12 @@ definition (c are the code vectors above: +-1, or +-1/sqrt(d) for BSQ).
   The largest tensor is [tokens, 2**g]: nothing of size 2**d is built when g < d. Means over
   tokens are over the whole (global) batch, also when jit shards it over devices.
 
+BSQ-ViT's own forms, as options (tokenizers/bsq.py): `scaled_straight_through` (forward s q,
+gradient s into x, s = 1/sqrt(d), as bsq-vit scales after its estimator), `hard_entropy` (the
+per-image bit-frequency and 2**d code-histogram entropies with bsq-vit's hand-made gradient,
+d <= 24) and `codebook_rampup_multiplier` / `codebook_rampup_steps` (every quantizer term times
+m at step 0, falling linearly to 1 at step R; the step is this quantizer's train-call count).
+
 Stats (scalars, never differentiated) for codebooks too large to enumerate:
 'bit_balance' / 'bit_balance_min' (1 - |2 f_i - 1| of each bit's frequency f_i of ones, mean and
 worst), 'group_perplexity' (exp of the entropy of each entropy group's 2**g histogram, mean over
@@ -59,6 +65,7 @@ from visual_tokenizers.core.tokens.layout import (
     indices_to_bits,
     split_bits,
 )
+from visual_tokenizers.tokenizers import bsq
 from visual_tokenizers.tokenizers.base import QuantizerOutput
 
 sg = jax.lax.stop_gradient
@@ -145,6 +152,10 @@ class BinaryQuantizer(nnx.Module):
         index_group_bits: int = 0,
         usage_window: int = 100,
         window_table_bits: int = 20,
+        scaled_straight_through: bool = False,
+        hard_entropy: bool = False,
+        codebook_rampup_multiplier: float = 1.0,
+        codebook_rampup_steps: int = 0,
         seed: int = 0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -160,6 +171,13 @@ class BinaryQuantizer(nnx.Module):
         self.flat_indices = not self.vocab.grouped
         self.scale = 1.0 / math.sqrt(d) if self.spherical else 1.0
         self.usage_window, self.seed, self.dtype = usage_window, seed, dtype
+        # BSQ-ViT's options (tokenizers/bsq.py).
+        bsq.check_options(
+            bits=d, hard_entropy=hard_entropy, rampup_multiplier=codebook_rampup_multiplier,
+            rampup_steps=codebook_rampup_steps,
+        )  # fmt: skip
+        self.scaled_straight_through, self.hard_entropy = scaled_straight_through, hard_entropy
+        self.rampup = (codebook_rampup_multiplier, codebook_rampup_steps)
         self.in_proj, self.out_proj = _projections(dim, d, rngs) if dim != d else (None, None)
         self.table_bits = min(d, window_table_bits)
         table = jnp.full((2**self.table_bits,), -1, jnp.int32)
@@ -196,13 +214,22 @@ class BinaryQuantizer(nnx.Module):
         losses = {"commitment": self.commitment_weight * jnp.mean(jnp.square(x - sg(q)))}
         stats = {}
         if self.entropy_weight > 0:
-            a = (4.0 * self.inverse_temperature * self.scale) * x
-            sample_h, code_h = per_sample_entropy(a), codebook_entropy(a, self.entropy_groups)
+            if self.hard_entropy:
+                sample_h, code_h = bsq.hard_entropies(x, batch_shape[0] if batch_shape else 1)
+            else:
+                a = (4.0 * self.inverse_temperature * self.scale) * x
+                sample_h, code_h = per_sample_entropy(a), codebook_entropy(a, self.entropy_groups)
             penalty = sample_h - self.diversity_gamma * code_h
             losses["entropy"] = self.entropy_weight * penalty
             stats.update(per_sample_entropy=sg(sample_h), codebook_entropy=sg(code_h))
+        if self.rampup[1] > 0:  # BSQ's codebook-weight ramp on every quantizer term
+            factor = bsq.rampup_factor(self.step[...], *self.rampup)
+            losses = {name: factor * value for name, value in losses.items()}
         # Forward value exactly q (x - sg(x) == 0), so embed(indices) matches it.
-        quantized = self._project_out(sg(q) + (x - sg(x)))
+        if self.scaled_straight_through:
+            quantized = self._project_out(bsq.scaled_straight_through(x, self.scale))
+        else:
+            quantized = self._project_out(sg(q) + (x - sg(x)))
         keys = bits_to_indices(positive, self.vocab.int32_groups)
         stats.update(self._batch_stats(positive, keys))
         stats.update(self._window_stats(keys, train))
