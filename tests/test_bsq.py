@@ -16,8 +16,9 @@ from flax import nnx
 
 from visual_tokenizers.configs import binary_b16
 from visual_tokenizers.core.errors import ConfigError
-from visual_tokenizers.tokenizers import bsq
+from visual_tokenizers.tokenizers import bsq, training
 from visual_tokenizers.tokenizers.binary import BinarySphericalQuantizer
+from visual_tokenizers.trained import builders
 
 
 class _HardCodebookEntropy(torch.autograd.Function):
@@ -230,3 +231,32 @@ def test_bsq_configs():
     for bad in ("lfq_b18g2", "b18g2_b18g18", "b18g3"):
         with pytest.raises(ValueError, match="unknown variant"):
             binary_b16.get_config(bad)
+    # The full recipe builds (abstractly) with its loss keys and 2**18 codes.
+    training.LossConfig.from_dict(full.loss.to_dict())
+    assert nnx.eval_shape(builders.model_fn_from_config(full)).vocab.size == 2**18
+
+
+def test_ramp_runs_in_the_train_step():
+    """bsq_tiny through the tokenizer train step: the logged entropy term is 3 x 0.1 x
+    (H_sample - H_codebook) at step 0 and the quantizer's step counter (the ramp's clock)
+    follows the trainer's."""
+    from visual_tokenizers.core.runtime import mesh as mesh_lib
+    from visual_tokenizers.core.runtime import train_state as ts
+    from visual_tokenizers.jobs import train_tokenizer
+
+    config = binary_b16.get_config("bsq_tiny")
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices()[:1])
+    model_fn, optimizer = (
+        builders.model_fn_from_config(config),
+        builders.optimizer_from_config(config),
+    )
+    model_def, _, shardings = ts.state_shardings(model_fn, optimizer, mesh, ())
+    state = ts.init_state(model_fn, optimizer, shardings)
+    step = jax.jit(train_tokenizer.make_train_step(model_def, optimizer, config.loss.to_dict()))
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for want in (3.0, 3.0 - 2.0 / 2000):
+        state, logged = step(state, {"image": images})
+        penalty = logged["quantizer/per_sample_entropy"] - logged["quantizer/codebook_entropy"]
+        np.testing.assert_allclose(logged["loss/entropy"], want * 0.1 * penalty, rtol=1e-5)
+        assert "loss/l1" in logged and "loss/l2" not in logged
+    assert int(jax.device_get(state.model_state)["quantizer"]["step"]) == int(state.step) == 2
