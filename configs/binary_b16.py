@@ -82,7 +82,8 @@ def lfq_recipe(config: ConfigDict) -> None:
 
 
 # bsq-vit's per-GPU batch (the yaml's data.batch_size) x its launcher's default 8 GPUs on one
-# node (scripts/run_with_submitit_image_tokenizer.py --ngpus 8 --nodes 1).
+# node (scripts/run_with_submitit_image_tokenizer.py --ngpus 8 --nodes 1). [?] The GPU count of
+# the published runs is not in the release; the defaults are assumed.
 BSQ_GLOBAL_BATCH = 32 * 8
 
 
