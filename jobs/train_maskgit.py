@@ -47,7 +47,8 @@ from visual_tokenizers.trained.maskgit import (
     sample_options,
     token_ndim,
 )
-from visual_tokenizers.trained.restored import ema_choice
+from visual_tokenizers.trained.restored import ema_choice, step_choice
+from visual_tokenizers.trained.tokenizer import STEP_KEY as TOKENIZER_STEP
 from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 
@@ -178,7 +179,10 @@ def _check_tokenizer(config, vocab: Vocab, mesh) -> None:
     """With an export and a tokenizer workdir both given, their vocabularies must agree."""
     if not config.tokenizer.workdir:
         return
-    step, saved = checkpoint.read_config(config.tokenizer.workdir)
+    step = config.tokenizer.step if config.tokenizer.step >= 0 else None
+    step, saved = checkpoint.read_config(
+        config.tokenizer.workdir, step, step_choice(TOKENIZER_STEP)
+    )
     tokenizer_fn = builders.model_fn_from_config(ml_collections.ConfigDict(saved))
     theirs = nnx.eval_shape(tokenizer_fn).vocab
     if theirs != vocab:
