@@ -167,9 +167,10 @@ def _restore_arrays(mngr, step: int, restore, fix: str):
 # ----------------------------------------------------------------------------- the train state
 
 
-def resume_choice(mngr: ocp.CheckpointManager) -> str:
-    """How a training run picks the step it resumes from (`config.resume_step`)."""
-    aside = os.path.join(os.path.dirname(os.fspath(mngr.directory)), ASIDE)
+def resume_choice(directory: str) -> str:
+    """How a training run picks the step it resumes from (`config.resume_step`), for `read`'s
+    messages on the checkpoints `directory` (WORKDIR/checkpoints)."""
+    aside = os.path.join(os.path.dirname(os.path.abspath(directory)), ASIDE)
     return f"--config.resume_step={{step}} (the newer steps are then moved to {aside})"
 
 
@@ -200,7 +201,7 @@ def restore(mngr_or_dir, abstract_state, step: int | None = None, choice: str | 
         )
         return restored.state, config
 
-    return read(mngr, step, attempt, choice or resume_choice(mngr))
+    return read(mngr, step, attempt, choice or resume_choice(os.fspath(mngr.directory)))
 
 
 def set_aside_newer(mngr: ocp.CheckpointManager, step: int) -> list[int]:
