@@ -115,7 +115,7 @@ def _newest_intact(steps: list[int], damaged: int, attempt) -> int | None:
     for step in sorted((s for s in steps if s < damaged), reverse=True):
         try:
             attempt(step)
-        except Exception:  # noqa: BLE001 - any failure: this step is not usable either
+        except Exception:  # any failure: this step is not usable either
             continue
         return step
     return None
