@@ -1,4 +1,4 @@
-"""A damaged checkpoint (a truncated or deleted array data file, a deleted _METADATA) is refused
+"""A damaged checkpoint (truncated or deleted array data files, a deleted _METADATA) is refused
 in two lines naming the step, what is unreadable, the newest intact step and the setting that
 uses it: when training resumes, in `init_from`, and where export, evaluation and sampling read
 a finished run. `resume_step` resumes from the intact step and sets the newer ones aside."""
@@ -25,8 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"checkpoint_every": 2, "log_every": 2, "eval.num_examples": 16}
 # What the first line says is unreadable, per damage.
 PROBLEM = {
-    "truncated": r"array [\w.]+ cannot be read \(OUT_OF_RANGE: ",
-    "deleted": r"array [\w.]+ cannot be read \(",
+    "truncated": r"array [\w.]+ cannot be read \([A-Z_]+: ",  # TensorStore's status code
+    "deleted": r"array [\w.]+ cannot be read \([A-Z_]+: ",
     "no_metadata": r"state/_METADATA is missing\.",
 }
 
@@ -49,15 +49,17 @@ def trained(tmp_path_factory):
 
 def damage(workdir: str, how: str, step: int = 4) -> None:
     """What a full disk, a killed copy or a stray `rm` leaves of orbax's files: the arrays live
-    in OCDBT data files (state/ocdbt.process_0/d/<hash>), the tree in state/_METADATA."""
+    in OCDBT data files (state/ocdbt.process_0/d/<hash>), the tree in state/_METADATA. Which
+    data file holds which array varies from run to run, so every one is damaged."""
     state = os.path.join(workdir, "checkpoints", str(step), "state")
-    data = sorted(glob.glob(os.path.join(state, "ocdbt.process_*", "d", "*")), key=os.path.getsize)
-    largest = data[-1]  # it holds most arrays, params among them
-    if how == "truncated":
-        os.truncate(largest, os.path.getsize(largest) // 4)
-    elif how == "deleted":
-        os.remove(largest)
-    else:
+    data = glob.glob(os.path.join(state, "ocdbt.process_*", "d", "*"))
+    assert data
+    for path in data:
+        if how == "truncated":
+            os.truncate(path, os.path.getsize(path) // 4)
+        elif how == "deleted":
+            os.remove(path)
+    if how == "no_metadata":
         os.remove(os.path.join(state, "_METADATA"))
 
 
