@@ -80,6 +80,12 @@ LLAMAGEN_ADAM = dict(
 )
 
 
+# Every training config's `resume_step`: -1 resumes from the workdir's latest checkpoint; N >= 0
+# from step N, moving the newer steps to WORKDIR/checkpoints_set_aside (core/runtime/
+# checkpoint.py): the way past a damaged latest checkpoint, which is refused, not skipped.
+RESUME_LATEST = -1
+
+
 def tokenizer_base() -> ConfigDict:
     """Everything a tokenizer run needs apart from the model and quantizer."""
     return ConfigDict(
@@ -88,6 +94,7 @@ def tokenizer_base() -> ConfigDict:
             seed=0,
             num_steps=400_000,
             init_from="",  # another run's workdir: start from its params
+            resume_step=RESUME_LATEST,
             data=dict(
                 source="tfds:imagenet2012",
                 split="train",

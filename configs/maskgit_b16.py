@@ -15,6 +15,7 @@ maskgit/configs/maskgit_class_cond_config.py, and its base_config) and the MaskG
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from visual_tokenizers.configs import common
 from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
 
@@ -40,6 +41,7 @@ def maskgit_base() -> ConfigDict:
             seed=42,  # base_config.seed
             num_steps=2_000_000,  # maskgit_class_cond_config.num_train_steps
             init_from="",
+            resume_step=common.RESUME_LATEST,  # -1: the latest checkpoint (configs/common.py)
             # A finished jobs/export_tokens.py output ('' = encode config.data on the fly).
             tokens=dict(export_dir="", verify=True),  # verify: check every shard's sha256
             # The tokenizer run for on-the-fly encoding (also checked against an export's vocab).

@@ -8,6 +8,7 @@ The evaluation job trains the default variant on demand and caches it in its wor
 
 from ml_collections import ConfigDict
 
+from visual_tokenizers.configs import common
 from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
 
@@ -18,6 +19,7 @@ def get_config(arg=None):
             seed=0,
             num_steps=1500,
             init_from="",
+            resume_step=common.RESUME_LATEST,  # -1: the latest checkpoint (configs/common.py)
             data=dict(
                 source="builtin:shapes",
                 split="train",

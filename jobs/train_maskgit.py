@@ -47,7 +47,8 @@ from visual_tokenizers.trained.maskgit import (
     sample_options,
     token_ndim,
 )
-from visual_tokenizers.trained.restored import ema_choice
+from visual_tokenizers.trained.restored import ema_choice, step_choice
+from visual_tokenizers.trained.tokenizer import STEP_KEY as TOKENIZER_STEP
 from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 
@@ -178,7 +179,10 @@ def _check_tokenizer(config, vocab: Vocab, mesh) -> None:
     """With an export and a tokenizer workdir both given, their vocabularies must agree."""
     if not config.tokenizer.workdir:
         return
-    step, saved = checkpoint.read_config(config.tokenizer.workdir)
+    step = config.tokenizer.step if config.tokenizer.step >= 0 else None
+    step, saved = checkpoint.read_config(
+        config.tokenizer.workdir, step, step_choice(TOKENIZER_STEP)
+    )
     tokenizer_fn = builders.model_fn_from_config(ml_collections.ConfigDict(saved))
     theirs = nnx.eval_shape(tokenizer_fn).vocab
     if theirs != vocab:
@@ -189,12 +193,13 @@ def _check_tokenizer(config, vocab: Vocab, mesh) -> None:
         )
 
 
-def _check_resume(workdir: str, resolved: dict) -> None:
-    """A workdir's checkpoints must have been trained on tokens of the same kind."""
+def _check_resume(workdir: str, resolved: dict, resume_step: int = -1) -> None:
+    """A workdir's checkpoints must have been trained on tokens of the same kind (those of the
+    step it resumes from: the latest, or `resume_step`)."""
     try:
-        step, saved = checkpoint.read_config(workdir)
+        step, saved = checkpoint.read_config(workdir, resume_step if resume_step >= 0 else None)
     except checkpoint.CheckpointError:
-        return  # nothing to resume
+        return  # nothing to resume (a damaged step is refused by the resume itself)
     old = saved.get("resolved") or {}
     keys = ("vocab", "token_shape", "num_classes")
     files.refuse_other_settings(
@@ -253,7 +258,7 @@ def run(config, workdir: str) -> dict:
     job = TrainingJob.start(config, workdir, {"data.batch_size": config.data.batch_size})
     mesh = job.mesh
     tokens = resolve(config, mesh)
-    _check_resume(workdir, tokens.resolved)
+    _check_resume(workdir, tokens.resolved, config.get("resume_step", -1))
     config = resolved_config(config, tokens)
     job = dataclasses.replace(job, config=config)  # checkpoints record the resolved tokens
     r = tokens.resolved

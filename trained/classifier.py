@@ -197,9 +197,18 @@ class TrainedClassifier(Restored):
     @classmethod
     def ensure(cls, workdir: str, config=None, mesh=None) -> TrainedClassifier:
         """The classifier cached in `workdir`, trained there first (with `config`, default
-        configs/shapes_classifier.py) if absent or unfinished."""
-        if not is_trained(workdir):
-            config = config if config is not None else default_config.get_config()
-            logging.info("training the shapes classifier in %s (cached for later runs)", workdir)
-            train(config, workdir)
-        return cls.from_workdir(workdir, mesh=mesh)
+        configs/shapes_classifier.py) if absent or unfinished. A damaged cache is refused: the
+        fix is to delete it, not a step setting of the job that asked for it."""
+        try:
+            if not is_trained(workdir):
+                config = config if config is not None else default_config.get_config()
+                logging.info(
+                    "training the shapes classifier in %s (cached for later runs)", workdir
+                )
+                train(config, workdir)
+            return cls.from_workdir(workdir, mesh=mesh)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(
+                f"the shapes classifier cached in {workdir} cannot be used: "
+                f"{str(e).splitlines()[0]}\nIt is a cache: delete that folder to train it again."
+            ) from e

@@ -28,6 +28,8 @@ from visual_tokenizers.trained import inputs
 from visual_tokenizers.trained.restored import Restored, restore
 from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
+STEP_KEY = "maskgit.step"  # the jobs' key for a MaskGIT run's step (configs/common.py)
+
 
 def build_maskgit(*, seed: int, dtype: str, **kwargs) -> MaskGIT:
     if dtype not in DTYPES:
@@ -122,7 +124,9 @@ class TrainedMaskGIT(Restored):
     def from_workdir(cls, path: str, step=None, use_ema=None, mesh=None) -> TrainedMaskGIT:
         """The MaskGIT of a train_maskgit run (its saved config rebuilds the model).
         use_ema: as for every finished run (this trainer keeps no EMA: None or False)."""
-        fields = restore(path, model_fn_from_config, step=step, use_ema=use_ema, mesh=mesh)
+        fields = restore(
+            path, model_fn_from_config, step=step, use_ema=use_ema, mesh=mesh, step_key=STEP_KEY
+        )
         if "resolved" not in fields["config"]:
             raise checkpoint.CheckpointError(
                 f"{path} was not written by jobs/train_maskgit.py (its config has no 'resolved')"

@@ -63,10 +63,22 @@ class Restored:
         return self.model_def.merge(self.params, self.model_state)
 
 
-def restore(workdir: str, model_fn_from_config, *, step=None, use_ema=None, mesh=None) -> dict:
-    """Keyword arguments of a `Restored` for the run in `workdir` (mesh: the run's own if None)."""
+def step_choice(step_key: str | None) -> str:
+    """How a user picks a step of a finished run, for `checkpoint.read`'s messages: the jobs'
+    config key (e.g. 'tokenizer.step') and the Python argument."""
+    if not step_key:
+        return checkpoint.ARGUMENT
+    return f"--config.{step_key}={{step}} (from Python: step={{step}})"
+
+
+def restore(
+    workdir: str, model_fn_from_config, *, step=None, use_ema=None, mesh=None, step_key=None
+) -> dict:
+    """Keyword arguments of a `Restored` for the run in `workdir` (mesh: the run's own if None).
+    step_key: the jobs' config key choosing this run's step, named by the error on a missing or
+    damaged step."""
     config, step, model_def, state, shardings = ts.restore_run(
-        workdir, model_fn_from_config, mesh=mesh, step=step
+        workdir, model_fn_from_config, mesh=mesh, step=step, choice=step_choice(step_key)
     )
     params, weights = choose_weights(state, use_ema, workdir)
     logging.info("restored %s step %d with its %s weights", workdir, step, weights)

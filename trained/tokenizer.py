@@ -26,6 +26,8 @@ from visual_tokenizers.trained import inputs
 from visual_tokenizers.trained.builders import model_fn_from_config
 from visual_tokenizers.trained.restored import EMA, PARAMS, Restored, restore
 
+STEP_KEY = "tokenizer.step"  # the jobs' key for a tokenizer run's step (configs/common.py)
+
 
 def _to_uint8(images):
     return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
@@ -46,7 +48,10 @@ class TrainedTokenizer(Restored):
         them, else the trained params; True = the EMA (an error without one); False = params.
         mesh: None = the run's own mesh from its config.
         """
-        return cls(**restore(path, model_fn_from_config, step=step, use_ema=use_ema, mesh=mesh))
+        fields = restore(
+            path, model_fn_from_config, step=step, use_ema=use_ema, mesh=mesh, step_key=STEP_KEY
+        )
+        return cls(**fields)
 
     def record(self) -> dict:
         """{workdir, step, weights}: which tokenizer made a token file or trained a MaskGIT."""

@@ -62,8 +62,9 @@ class TrainingJob:
         discriminator: ts.Discriminator | None = None,
         on_fresh_init: Callable[[ts.TrainState], ts.TrainState] | None = None,
     ) -> tuple[ts.ModelDef, ts.TrainState, ts.TrainState]:
-        """Opens WORKDIR/checkpoints and resumes from it, else from `config.init_from`, else
-        initialises; returns (ModelDef, state, shardings) as `train_state.restore_or_init`.
+        """Opens WORKDIR/checkpoints and resumes from it (its latest step, or
+        `config.resume_step`), else from `config.init_from`, else initialises; returns
+        (ModelDef, state, shardings) as `train_state.restore_or_init`.
 
         on_fresh_init: applied to a state made from scratch (no checkpoint, no init_from), e.g.
         to load frozen pretrained parts once; a resumed state already holds them.
@@ -78,6 +79,7 @@ class TrainingJob:
             self.rules,
             ckpt_manager=self.ckpt,
             init_from=config.init_from,
+            resume_step=config.get("resume_step", -1),
             ema=ema,
             discriminator=discriminator,
         )

@@ -1,12 +1,13 @@
 """What a resumed training run may change about itself.
 
 A rerun in a workdir that holds checkpoints resumes that run. Its config is compared with the
-one saved beside the latest checkpoint: settings that change what is being trained (the model,
-quantizer, loss, data, batch size, image size, seed, ...) refuse the resume with a list naming
-each changed key, because the result would be neither run. Settings that only say how long,
-how often, where or how fast (num_steps, cadences, evaluation and sampling during training,
-mesh, data location and threads) and the optimizer's hyperparameters (lowering the learning
-rate or extending the schedule is how a diverged run is rescued) may change; they are logged.
+one saved beside the checkpoint it resumes from (the latest, or `config.resume_step`):
+settings that change what is being trained (the model, quantizer, loss, data, batch size,
+image size, seed, ...) refuse the resume with a list naming each changed key, because the
+result would be neither run. Settings that only say how long, how often, where or how fast
+(num_steps, cadences, evaluation and sampling during training, mesh, data location and
+threads) and the optimizer's hyperparameters (lowering the learning rate or extending the
+schedule is how a diverged run is rescued) may change; they are logged.
 A key only one side has (a setting added or removed by a newer version of this code) is logged.
 """
 
@@ -61,7 +62,10 @@ def check_config(config, workdir: str) -> None:
     (ConfigError naming each key, old and new value); logs the changes that are allowed."""
     if not has_checkpoint(workdir):
         return
-    step, saved = checkpoint.read_config(workdir)
+    step = config.get("resume_step", -1)  # the step it resumes from: compare with that one
+    step = step if step >= 0 else None
+    choice = checkpoint.resume_choice(os.path.join(workdir, "checkpoints"))
+    step, saved = checkpoint.read_config(workdir, step, choice)
     refused, allowed = [], []
     for key, was, now in files.changed_settings(saved, files.as_json(config.to_dict())):
         one_sided = was is files.UNSET or now is files.UNSET

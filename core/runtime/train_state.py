@@ -158,12 +158,16 @@ def restore_or_init(
     *,
     ckpt_manager,
     init_from: str | None = None,
+    resume_step: int = -1,
     ema: bool = False,
     discriminator: Discriminator | None = None,
 ) -> tuple[ModelDef, TrainState, TrainState]:
     """Resume order: this workdir's latest checkpoint, then `init_from`, then a fresh init.
 
-    `init_from` (another run's workdir or checkpoints directory) provides params and model
+    `resume_step` >= 0 resumes from that step instead (it must exist) and moves the newer ones
+    to WORKDIR/checkpoints_set_aside (`checkpoint.set_aside_newer`): the way past a damaged
+    latest step, which is refused, naming the newest intact one. `init_from` (another run's
+    workdir, checkpoints directory or one step's folder there) provides params and model
     state only (and the EMA, from its EMA when it kept one, else from its params); the
     optimizer, the discriminator and the step start fresh.
     """
@@ -171,9 +175,12 @@ def restore_or_init(
         model_fn, optimizer, mesh, rules, ema=ema, discriminator=discriminator
     )
     target = checkpoint.abstract_with_shardings(abstract, shardings)
-    restored = checkpoint.restore(ckpt_manager, target)
+    step = resume_step if resume_step is not None and resume_step >= 0 else None
+    restored = checkpoint.restore(ckpt_manager, target, step)
     if restored is not None:
         state, _ = restored
+        if step is not None:
+            checkpoint.set_aside_newer(ckpt_manager, step)
         logging.info("resumed from %s at step %d", ckpt_manager.directory, int(state.step))
         return model_def, state, shardings
     state = init_state(model_fn, optimizer, shardings, discriminator=discriminator)
@@ -186,7 +193,13 @@ def _init_from(state: TrainState, target: TrainState, init_from: str) -> TrainSt
     parts = {"params": target.params, "model_state": target.model_state}
     if target.ema_params is not None:
         parts["ema_params"] = target.ema_params
-    source = checkpoint.restore_parts(init_from, parts)
+    where = os.path.normpath(init_from)  # the checkpoints folder, to name a step in it
+    if os.path.basename(where).isdigit():
+        where = os.path.dirname(where)
+    elif os.path.isdir(os.path.join(where, "checkpoints")):
+        where = os.path.join(where, "checkpoints")
+    choice = "--config.init_from=" + os.path.join(where, "{step}")
+    source = checkpoint.restore_parts(init_from, parts, choice=choice)
     if source is None:
         raise checkpoint.CheckpointError(
             f"config.init_from={init_from!r} holds no checkpoint; point it at a workdir "
@@ -224,15 +237,25 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, 
     return params, opt_state
 
 
-def restore_run(workdir: str, model_fn_from_config, *, mesh=None, step=None):
+def restore_run(workdir: str, model_fn_from_config, *, mesh=None, step=None, choice=None):
     """Rebuilds a finished run from its saved config and restores its weights onto `mesh`.
 
     Returns (config, step, ModelDef, TrainState, shardings); mesh defaults to the run's own.
     Only params, model state and the EMA (when the run kept one) are read: no optimizer or
-    discriminator state (`opt_state` is None).
+    discriminator state (`opt_state` is None). `choice`: how the caller picks a step, for the
+    messages on a missing or damaged step (see `checkpoint.read`).
     """
-    step, saved = checkpoint.read_config(workdir, step)
-    config = ml_collections.ConfigDict(saved)
+    with checkpoint.finished_run(workdir) as mngr:
+        return checkpoint.read(
+            mngr,
+            step,
+            lambda at: _restore_run_at(mngr, at, model_fn_from_config, mesh),
+            choice or checkpoint.ARGUMENT,
+        )
+
+
+def _restore_run_at(mngr, step: int, model_fn_from_config, mesh):
+    config = ml_collections.ConfigDict(checkpoint.config_at(mngr, step))
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     model_fn = model_fn_from_config(config)
@@ -242,7 +265,7 @@ def restore_run(workdir: str, model_fn_from_config, *, mesh=None, step=None):
     abstract = checkpoint.abstract_with_shardings
     parts = {"params": abstract(params, param_sh), "model_state": abstract(rest, rest_sh)}
     parts["ema_params"] = parts["params"]
-    restored = checkpoint.restore_parts(os.path.join(workdir, "checkpoints"), parts, step=step)
+    restored = checkpoint.parts_at(mngr, parts, step)
     ema = restored.get("ema_params")
     state = TrainState(restored["step"], restored["params"], restored["model_state"], None, ema)
     shardings = TrainState(
