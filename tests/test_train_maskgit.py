@@ -16,6 +16,7 @@ from PIL import Image
 from visual_tokenizers.configs import export_tokens as export_config
 from visual_tokenizers.configs import maskgit_b16, vq_b16
 from visual_tokenizers.configs import sample as sample_config
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.evaluation import metrics
 from visual_tokenizers.core.runtime import checkpoint, train_state
 from visual_tokenizers.core.runtime import mesh as mesh_lib
@@ -148,9 +149,10 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(reference_run, export_dir
         json.loads(x) for x in open(os.path.join(reference_run[0], "metrics.jsonl"))
     ]
     assert [x["loss"] for x in lines] == [x["loss"] for x in reference_losses[4:]]
-    # Tokens of another kind are refused on this workdir.
+    # Tokens of another kind are refused on this workdir (by the resume's config check, which
+    # names the changed key, before the tokens' own check).
     other = mg_config(**{"tokens.export_dir": export_dir, "model.num_classes": 3})
-    with pytest.raises(checkpoint.CheckpointError, match="num_classes"):
+    with pytest.raises(ConfigError, match=r"model\.num_classes: was \d+, now 3"):
         train_maskgit.run(other, workdir)
 
 
