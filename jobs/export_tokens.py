@@ -47,8 +47,8 @@ from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens import manifest as manifest_lib
 from visual_tokenizers.core.tokens import shards as shards_lib
 from visual_tokenizers.core.tokens.layout import TokenRowLayout
-from visual_tokenizers.trained.restored import ema_choice
-from visual_tokenizers.trained.tokenizer import TrainedTokenizer
+from visual_tokenizers.trained.restored import ema_choice, step_choice
+from visual_tokenizers.trained.tokenizer import STEP_KEY, TrainedTokenizer
 
 MODES = ("export", "decode", "stats")
 
@@ -125,21 +125,32 @@ class _Export:
     rows: int = 0
 
 
+def _naming_the_setting(read):
+    """read(), with a CheckpointError prefixed by the config key to fix."""
+    try:
+        return read()
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"config.tokenizer.workdir: {e}") from e
+
+
 def export(config, workdir: str) -> dict:
     """mode=export: every example of the source once in OUT/data, then the manifest."""
     mesh = mesh_lib.make_mesh(config.mesh)
     ref = config.tokenizer
     step = ref.step if ref.step >= 0 else None
-    try:
-        tok = TrainedTokenizer.from_workdir(ref.workdir, step, ema_choice(ref.use_ema), mesh)
-    except checkpoint.CheckpointError as e:  # Name the setting to fix.
-        raise checkpoint.CheckpointError(f"config.tokenizer.workdir: {e}") from e
-    image_size = config.data.image_size or tok.config.data.image_size
+    # The run's settings first, then the data, then the weights: a missing dataset is reported
+    # before a large tokenizer is restored.
+    choice = step_choice(STEP_KEY)
+    _, saved = _naming_the_setting(lambda: checkpoint.read_config(ref.workdir, step, choice))
+    image_size = config.data.image_size or saved["data"]["image_size"]
     source = data.make_source(
         config.data.source,
         config.data.split,
         image_size=image_size,
         data_dir=config.data.data_dir or None,
+    )
+    tok = _naming_the_setting(
+        lambda: TrainedTokenizer.from_workdir(ref.workdir, step, ema_choice(ref.use_ema), mesh)
     )
     plan = make_plan(config, source, mesh)
     encode, indices_shape = tok.compile_encode(plan.global_batch, image_size)
