@@ -47,11 +47,12 @@ from visual_tokenizers.core.evaluation.reference import (
     progress,
     source_outputs,
 )
+from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.trained import evaluation
 from visual_tokenizers.trained.classifier import TrainedClassifier
-from visual_tokenizers.trained.restored import ema_choice
-from visual_tokenizers.trained.tokenizer import TrainedTokenizer
+from visual_tokenizers.trained.restored import ema_choice, step_choice
+from visual_tokenizers.trained.tokenizer import STEP_KEY, TrainedTokenizer
 
 
 def validate(config) -> None:
@@ -170,26 +171,29 @@ def _skip_shapes(results: dict, reason: str) -> None:
 # ----------------------------------------------------------------------------- tokenizer mode
 
 
-def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
-    """Reconstructs config.num_examples images with a trained tokenizer and measures them."""
+def _tokenizer_data(config) -> tuple[str, str, int, str]:
+    """(source, split, image size, data_dir) to evaluate on: config.data's, else those of the
+    run's own held-out pass (read from its saved config, without restoring its weights)."""
     step = None if config.tokenizer.step < 0 else config.tokenizer.step
-    use_ema = ema_choice(config.tokenizer.use_ema)
-    tok = TrainedTokenizer.from_workdir(config.tokenizer.workdir, step, use_ema, mesh)
-    d, held_out = tok.config.data, tok.config.eval
-    spec, split = config.data.source or held_out.source, config.data.split or held_out.split
-    size, data_dir = config.data.image_size or d.image_size, config.data.data_dir or d.data_dir
-    results = {"tokenizer": os.path.abspath(config.tokenizer.workdir), "step": tok.step}
-    wanted = set(config.metrics)
+    choice = step_choice(STEP_KEY)
+    _, saved = checkpoint.read_config(config.tokenizer.workdir, step, choice)
+    d, held_out = saved["data"], saved["eval"]
+    spec, split = config.data.source or held_out["source"], config.data.split or held_out["split"]
+    size = config.data.image_size or d["image_size"]
+    return spec, split, size, config.data.data_dir or d.get("data_dir", "")
+
+
+def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
+    """Reconstructs config.num_examples images with a trained tokenizer and measures them.
+    The data and the metric networks are found before the tokenizer is restored."""
+    spec, split, size, data_dir = _tokenizer_data(config)
+    data.make_source(spec, split, image_size=size, data_dir=data_dir or None)
+    wanted, results = set(config.metrics), {"tokenizer": os.path.abspath(config.tokenizer.workdir)}
     skip = shapes_skip_for_source(spec) if "shapes" in wanted else None
     if skip:
         _skip_shapes(results, skip)
         wanted.discard("shapes")
     check_count(config.num_examples, wanted, config, "config.num_examples")
-    eval_step = jax.jit(
-        evaluation.make_eval_step(tok.model_def),
-        in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
-    )
-    reconstruct = lambda batch: eval_step(tok.params, tok.model_state, batch)  # noqa: E731
     fid = None
     if "fid" in wanted:
         fid = FidReference(
@@ -200,8 +204,6 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
             seed=config.seed,
             need_pool=False,
         )
-        if fid.stats is None and not fid.from_originals:
-            fid.compute_from_source()
     nets = dict(
         inception=fid.inception if fid else None,
         originals=fid is not None and fid.stats is None,
@@ -210,6 +212,17 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         else None,
         shapes=shapes_apply(config, workdir, mesh) if "shapes" in wanted else None,
     )
+    if fid is not None and fid.stats is None and not fid.from_originals:
+        fid.compute_from_source()
+    step = None if config.tokenizer.step < 0 else config.tokenizer.step
+    use_ema = ema_choice(config.tokenizer.use_ema)
+    tok = TrainedTokenizer.from_workdir(config.tokenizer.workdir, step, use_ema, mesh)
+    results["step"] = tok.step
+    eval_step = jax.jit(
+        evaluation.make_eval_step(tok.model_def),
+        in_shardings=(tok.shardings.params, tok.shardings.model_state, None),
+    )
+    reconstruct = lambda batch: eval_step(tok.params, tok.model_state, batch)  # noqa: E731
     batches = data.batches(
         spec,
         split=split,

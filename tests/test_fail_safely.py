@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from test_train_run import tiny_config
 
+from visual_tokenizers.configs import evaluate as evaluate_config
 from visual_tokenizers.configs import export_tokens as export_config
 from visual_tokenizers.configs import vq_b16
 from visual_tokenizers.core.data.decoding import DataError
 from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import checkpoint, loop
-from visual_tokenizers.jobs import export_tokens, train_tokenizer
+from visual_tokenizers.jobs import evaluate, export_tokens, train_tokenizer
 from visual_tokenizers.models.big_vision_npz import TeacherWeightsError, load_vit_npz
 from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
@@ -184,3 +185,19 @@ def test_export_finds_its_data_before_it_restores_the_tokenizer(
     monkeypatch.setattr(TrainedTokenizer, "from_workdir", too_early)
     with pytest.raises(DataError, match="no such directory"):
         export_tokens.run(config, str(tmp_path / "out"))
+
+
+def test_evaluation_finds_its_data_before_it_restores_the_tokenizer(
+    trained_12_steps, tmp_path, monkeypatch
+):
+    config = evaluate_config.get_config()
+    config.update(mode="tokenizer", metrics=("psnr",))
+    config.tokenizer.workdir = trained_12_steps
+    config.data.source = f"folder:{tmp_path / 'missing'}"
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("the tokenizer was restored before the data was found")
+
+    monkeypatch.setattr(TrainedTokenizer, "from_workdir", too_early)
+    with pytest.raises(DataError, match="no such directory"):
+        evaluate.run(config, str(tmp_path / "out"))
