@@ -97,6 +97,8 @@ def _config():
         {k: VIT[k] for k in ("width", "depth", "heads", "mlp_dim")}
     )
     config.quantizer.codebook_size = 64
+    # One block: the last block's output before the final norm (TokenFlow's -2 needs two).
+    config.model.encoder.semantic_layer = config.model.decoder.teacher_layer = -1
     return config
 
 
