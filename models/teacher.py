@@ -72,10 +72,11 @@ def check_layer(layer: int, depth: int, name: str) -> int:
 def hidden_state(vit: ViTEncoder, images, layer: int = 0):
     """`vit`'s token features at `layer`, then its head if it has one.
 
-    layer 0: exactly ViTEncoder's forward (all blocks, the final LayerNorm). layer -k (1 <= k <= depth):
-    the residual stream after the first depth + 1 - k blocks, without the final LayerNorm, as
-    Hugging Face's `output_hidden_states=True` gives it in `hidden_states[-k]` (TokenFlow reads
-    SigLIP's `hidden_states[-2]`). 1-D encoders return their latent-query positions.
+    layer 0: exactly ViTEncoder's forward (all blocks, the final LayerNorm). layer -k
+    (1 <= k <= depth): the residual stream after the first depth + 1 - k blocks, without the
+    final LayerNorm, as Hugging Face's `output_hidden_states=True` gives it in
+    `hidden_states[-k]` (TokenFlow reads SigLIP's `hidden_states[-2]`). 1-D encoders return
+    their latent-query positions.
     """
     if layer == 0:  # ViTEncoder's own forward, also for a Teacher (whose __call__ reads `layer`)
         return ViTEncoder.__call__(vit, images)
