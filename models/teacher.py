@@ -1,10 +1,13 @@
 """A frozen ViT teacher (CLIP / SigLIP image tower) and big_vision .npz weights for our ViTs.
 
-The teacher is a models/vit.py ViTEncoder without a head (out_dim=0): its features are the
-token outputs after the final LayerNorm, [B, H/p, W/p, width]. Its weights are `TeacherWeight`
-variables, not nnx.Param, so they land in the train state's `model_state` (no gradient, no
-optimizer state; the step carries them unchanged), keep their logical sharding names (they are
-sharded like the matching params) and are saved in checkpoints with the rest of the model.
+The teacher is a models/vit.py ViTEncoder without a head (out_dim=0): its features,
+[B, H/p, W/p, width], are read at `layer` (`hidden_state`): 0 = the token outputs after the final
+LayerNorm; -k = Hugging Face's `hidden_states[-k]`, the output of block depth + 1 - k without the
+final LayerNorm (-1 the last block, -2 the one before it: TokenFlow's SigLIP layer). Its
+weights are `TeacherWeight` variables, not nnx.Param, so they land in the train state's
+`model_state` (no gradient, no optimizer state; the step carries them unchanged), keep their
+logical sharding names (they are sharded like the matching params) and are saved in checkpoints
+with the rest of the model.
 
 Weights file: a .npz in the big_vision ViT / SigLIP layout; the keys, prefixes and what is
 read are documented in models/big_vision_npz.py.
@@ -20,12 +23,14 @@ import logging
 import os
 from collections.abc import Mapping
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from visual_tokenizers.core import weights as weights_lib
+from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.models.big_vision_npz import (  # noqa: F401  (re-exported: the teacher's file format)
     TRUNK_PARTS,
     TeacherWeightsError,
@@ -53,24 +58,68 @@ def freeze(module: nnx.Module) -> nnx.Module:
     return module
 
 
+def check_layer(layer: int, depth: int, name: str) -> int:
+    """`layer` as an int, checked for a ViT of `depth` blocks (see `hidden_state`)."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer <= 0:
+        raise ConfigError(
+            f"{name}={layer!r} must be an integer in [-{depth}, 0] for this {depth}-block ViT: "
+            "0 = the output after the final LayerNorm, -k = the output of block depth + 1 - k "
+            "without it (Hugging Face hidden_states[-k]; -2 = the penultimate block)"
+        )
+    return layer
+
+
+def hidden_state(vit: ViTEncoder, images, layer: int = 0):
+    """`vit`'s token features at `layer`, then its head if it has one.
+
+    layer 0: exactly ViTEncoder's forward (all blocks, the final LayerNorm). layer -k
+    (1 <= k <= depth): the residual stream after the first depth + 1 - k blocks, without the
+    final LayerNorm, as Hugging Face's `output_hidden_states=True` gives it in
+    `hidden_states[-k]` (TokenFlow reads SigLIP's `hidden_states[-2]`). 1-D encoders return
+    their latent-query positions.
+    """
+    if layer == 0:  # ViTEncoder's own forward, also for a Teacher (whose __call__ reads `layer`)
+        return ViTEncoder.__call__(vit, images)
+    blocks = vit.transformer.blocks
+    check_layer(layer, len(blocks), "layer")
+    x = vit.patch_embed(images.astype(vit.dtype))
+    x = einops.rearrange(x, "b h w c -> b (h w) c")
+    if vit.num_latents:
+        queries = vit.latent_queries[...].astype(vit.dtype)
+        x = jnp.concatenate([x, jnp.broadcast_to(queries, (x.shape[0], *queries.shape[1:]))], 1)
+    x = x + vit.transformer.pos_embedding[...].astype(vit.dtype)
+    for block in list(blocks)[: len(blocks) + 1 + layer]:
+        x = block(x)
+    if vit.num_latents:
+        x = x[:, -vit.num_latents :]
+    if vit.head is not None:
+        x = vit.head(x)
+    return x if vit.num_latents else einops.rearrange(x, "b (h w) c -> b h w c", h=vit.grid)
+
+
 class Teacher(ViTEncoder):
-    """Frozen ViT feature extractor: images [B, H, W, 3] -> features [B, H/p, W/p, width].
+    """Frozen ViT feature extractor: images [B, H, W, 3] -> features [B, H/p, W/p, width] at
+    `layer` (see `hidden_state`).
 
     Besides the weights it carries `num_heads` (so a weights file can be checked against it
     from the pure state alone) and `loaded` (True once real weights were put in).
     """
 
-    def __init__(self, *, image_size, patch_size, width, depth, heads, mlp_dim, dtype, rngs):
+    def __init__(
+        self, *, image_size, patch_size, width, depth, heads, mlp_dim, dtype, rngs, layer=0
+    ):
         super().__init__(
             image_size=image_size, patch_size=patch_size, width=width, depth=depth,
             heads=heads, mlp_dim=mlp_dim, out_dim=0, dtype=dtype, rngs=rngs,
         )  # fmt: skip
         freeze(self)
+        self.layer = check_layer(layer, depth, "model.decoder.teacher_layer")
         self.num_heads = TeacherWeight(jnp.asarray(heads, jnp.int32))
         self.loaded = TeacherWeight(jnp.asarray(False))
 
     def __call__(self, images):
-        return jax.lax.stop_gradient(super().__call__(images).astype(jnp.float32))
+        features = hidden_state(self, images, self.layer)
+        return jax.lax.stop_gradient(features.astype(jnp.float32))
 
 
 def _place(value, like):

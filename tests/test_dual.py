@@ -29,8 +29,9 @@ def _unit(x):
 
 def _setup(k, w, chunk, n=256, seed=0):
     q = DualCodebookQuantizer(
-        SEM, PIX, k, pixel_weight=w, search_chunk_size=chunk, rngs=nnx.Rngs(seed)
-    )
+        SEM, PIX, k, pixel_weight=w, search_chunk_size=chunk, loss_average="per_branch",
+        rngs=nnx.Rngs(seed),
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
     zs, zp = rng.normal(size=(n, SEM)), rng.normal(size=(n, PIX))
     cs = _unit(np.asarray(q.semantic.codebook[...], np.float64))
@@ -63,7 +64,8 @@ def test_shared_index_is_the_weighted_argmin(w, chunk):
     np.testing.assert_allclose(np.asarray(q.embed(out.indices)), np.asarray(out.quantized))
     tables = q.codebook_embeddings()  # what export writes: both tables, row i = code i
     np.testing.assert_allclose(np.asarray(tables["codebook_pixel"])[idx], q_pix, atol=1e-6)
-    # Codebook and commitment terms of both branches, in code (normalised) space.
+    # The per-branch option: codebook and commitment terms of each branch, in code space.
+    # (TokenFlow's one mean over the concatenated code: tests/test_dual_tokenflow.py.)
     for name, codes, z in (("semantic", cs, zs), ("pixel", cp, zp)):
         mse = np.mean((codes[idx] - _unit(z)) ** 2)
         np.testing.assert_allclose(out.losses[f"codebook_{name}"], mse, rtol=1e-4)
@@ -95,6 +97,8 @@ def _config():
         {k: VIT[k] for k in ("width", "depth", "heads", "mlp_dim")}
     )
     config.quantizer.codebook_size = 64
+    # One block: the last block's output before the final norm (TokenFlow's -2 needs two).
+    config.model.encoder.semantic_layer = config.model.decoder.teacher_layer = -1
     return config
 
 
@@ -346,7 +350,7 @@ def test_teacher_is_loaded_and_never_changes_in_training(runs):
     ):
         np.testing.assert_array_equal(a, b)
     assert all(m["quantizer/teacher_loaded"] == 1.0 for m in metrics)
-    assert "loss/semantic_cosine" in metrics[0] and "loss/commitment_pixel" in metrics[0]
+    assert "loss/semantic_cosine" in metrics[0] and "loss/commitment" in metrics[0]
     moved = _norms(jax.tree.map(lambda a, b: a - b, end.params, start.params))
     assert moved["semantic_encoder"] > 0 and moved["encoder"] > 0
     assert metrics[-1]["loss"] < metrics[0]["loss"]

@@ -12,11 +12,24 @@ Because d_sem(i) + w d_pix(i) = || [z_sem, sqrt(w) z_pix] - [c_sem_i, sqrt(w) c_
 the search is tokenizers/vq.py's chunked nearest-code search over the concatenated vectors: the
 same O(N * chunk) memory for large K.
 
-Losses per branch, in code space: codebook `codebook_weight * MSE(q, sg(z))` and commitment
-`beta * MSE(sg(q), z)`; keys 'codebook_semantic', 'commitment_semantic', 'codebook_pixel',
-'commitment_pixel'. `quantized` is the straight-through pair, out-projected to each branch's
-input width and concatenated: [..., semantic_dim + pixel_dim] (use `split` to take it apart);
-`embed(indices)` returns the same layout. Stats as the VQ: 'perplexity', 'batch_usage', 'usage'.
+Losses in code space, where z and the codes q are l2-normalised per branch. By default
+(`loss_average='concatenated'`) they are TokenFlow's (ByteFlow-AI/TokenFlow,
+tokenflow/tokenizer/vq_model.py, VectorQuantizer.forward): ONE mean over the concatenated
+[semantic, pixel] code of semantic_code_dim + pixel_code_dim values per token,
+
+    codebook = codebook_weight * mean_{N x (d_sem + d_pix)} (q - sg(z))^2     (key 'codebook'),
+    commitment = beta * mean_{N x (d_sem + d_pix)} (sg(q) - z)^2        (key 'commitment').
+
+`loss_average='per_branch'` (this codebase's earlier form) takes one mean per branch instead,
+keys 'codebook_semantic', 'commitment_semantic', 'codebook_pixel', 'commitment_pixel': with 32-d
+and 8-d codes that weights the semantic terms (32 + 8) / 32 = 1.25x and the pixel terms
+(32 + 8) / 8 = 5x relative to TokenFlow's. Either way the per-branch code-space MSEs are also
+reported as stats ('code_mse_semantic', 'code_mse_pixel'; unweighted, no gradient).
+`pixel_weight` (w) only enters the search, as in TokenFlow, not the losses.
+
+`quantized` is the straight-through pair, out-projected to each branch's input width and
+concatenated: [..., semantic_dim + pixel_dim] (use `split` to take it apart); `embed(indices)`
+returns the same layout. Stats as the VQ: 'perplexity', 'batch_usage', 'usage'.
 """
 
 from __future__ import annotations
@@ -33,6 +46,9 @@ from visual_tokenizers.tokenizers.base import QuantizerOutput
 from visual_tokenizers.tokenizers.vq import CodebookState, _entropy, _l2norm, nearest_code
 
 sg = jax.lax.stop_gradient
+
+# How the codebook / commitment MSEs are averaged (see the module docstring).
+LOSS_AVERAGES = ("concatenated", "per_branch")
 
 
 def _linear(din: int, dout: int, axes, rngs: nnx.Rngs) -> nnx.Linear:
@@ -85,11 +101,18 @@ class DualCodebookQuantizer(nnx.Module):
         codebook_weight: float = 1.0,
         usage_decay: float = 0.99,
         search_chunk_size: int = 8192,
+        loss_average: str = "concatenated",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         if pixel_weight < 0:
             raise ConfigError(f"quantizer.pixel_weight={pixel_weight} must be >= 0")
+        if loss_average not in LOSS_AVERAGES:
+            raise ConfigError(
+                f"quantizer.loss_average={loss_average!r}; choose one of {LOSS_AVERAGES} (one "
+                "mean over the concatenated code, as TokenFlow, or one mean per codebook)"
+            )
+        self.loss_average = loss_average
         self.codebook_size, self.pixel_weight = codebook_size, pixel_weight
         self.beta, self.codebook_weight = beta, codebook_weight
         self.usage_decay, self.search_chunk_size = usage_decay, search_chunk_size
@@ -139,17 +162,17 @@ class DualCodebookQuantizer(nnx.Module):
         zs = self.semantic.project_in(z_semantic.reshape(-1, self.semantic.dim))
         zp = self.pixel.project_in(z_pixel.reshape(-1, self.pixel.dim))
         idx = self.search(zs, zp)
-        losses, outs = {}, []
-        for name, branch, z in (("semantic", self.semantic, zs), ("pixel", self.pixel, zp)):
-            q = branch.codes()[idx]
-            losses[f"codebook_{name}"] = self.codebook_weight * jnp.mean(jnp.square(q - sg(z)))
-            losses[f"commitment_{name}"] = self.beta * jnp.mean(jnp.square(sg(q) - z))
+        outs, branches = [], (("semantic", self.semantic, zs), ("pixel", self.pixel, zp))
+        qs = {name: branch.codes()[idx] for name, branch, _ in branches}
+        for name, branch, z in branches:
             # Straight-through: forward value is the code, gradient the identity to z.
-            out = branch.project_out(sg(q) + (z - sg(z)))
+            out = branch.project_out(sg(qs[name]) + (z - sg(z)))
             outs.append(out.reshape(*batch_shape, branch.dim))
+        losses, stats = self._code_losses(qs, {"semantic": zs, "pixel": zp})
         n, k = idx.shape[0], self.codebook_size
         counts = jnp.zeros((k,), jnp.float32).at[idx].add(1.0)
-        stats = {"perplexity": jnp.exp(_entropy(counts / n)), "batch_usage": jnp.mean(counts > 0)}
+        stats["perplexity"] = jnp.exp(_entropy(counts / n))
+        stats["batch_usage"] = jnp.mean(counts > 0)
         if train:
             d = self.usage_decay
             self.usage[...] = d * self.usage[...] + (1.0 - d) * counts / n
@@ -162,3 +185,25 @@ class DualCodebookQuantizer(nnx.Module):
             losses=losses,
             stats=stats,
         )
+
+    def _code_losses(self, q: dict, z: dict) -> tuple[dict, dict]:
+        """Codebook and commitment terms (weighted) and the per-branch code MSEs (stats) for
+        codes q[name] and code-space inputs z[name], both [N, code_dim]."""
+        # Sums of squares; codebook terms train the codes only, commitment terms the encoders.
+        to_codes = {name: jnp.sum(jnp.square(q[name] - sg(z[name]))) for name in q}
+        to_inputs = {name: jnp.sum(jnp.square(sg(q[name]) - z[name])) for name in q}
+        sizes = {name: z[name].size for name in z}
+        stats = {f"code_mse_{name}": sg(to_codes[name]) / sizes[name] for name in q}
+        if self.loss_average == "per_branch":
+            losses = {}
+            for name in q:
+                losses[f"codebook_{name}"] = self.codebook_weight * to_codes[name] / sizes[name]
+                losses[f"commitment_{name}"] = self.beta * to_inputs[name] / sizes[name]
+            return losses, stats
+        # TokenFlow: torch.mean over the concatenated [N, d_sem + d_pix] code.
+        total = sum(sizes.values())
+        losses = {
+            "codebook": self.codebook_weight * sum(to_codes.values()) / total,
+            "commitment": self.beta * sum(to_inputs.values()) / total,
+        }
+        return losses, stats

@@ -6,6 +6,24 @@ r"""TokenFlow-style dual tokenizer: pixel + semantic encoders, one shared index,
                                                                                -> features
     images -> frozen teacher (models/teacher.py) -> target features
 
+Task layers. TokenFlow (ByteFlow-AI/TokenFlow, tokenflow/tokenizer/vq_model.py,
+`encode_task_layer` / `decode_task_layer`) puts a Linear-Tanh-Linear MLP on each side of the
+semantic codebook: encoder features -> Linear(width, width) -> Tanh -> Linear(width, 32) ->
+codebook, and semantic decoder trunk -> Linear(width, width) -> Tanh -> Linear(width, teacher
+width). `semantic_task_layer='tanh'` builds exactly that: the first Linear of each MLP is the
+ViT's own output projection (the semantic encoder's `head`, the semantic decoder's `to_pixels`),
+the Tanh and second Linear are `encode_task` / `decode_task` (TanhLinear); all four Linears start
+N(0, 0.02) with zero bias (TokenFlow's `_init_weights`). The semantic code then enters the
+quantizer and the decoder at its own width (TokenFlow's decoder embeds the 32-d code directly),
+so the quantizer has no projections around the semantic codebook. `semantic_task_layer=
+'linear'` (this codebase's earlier layout) keeps one linear head to `latent_dim` and the
+quantizer's linear in / out projections around the semantic codes.
+
+Hidden states (models/teacher.py `hidden_state`): `teacher_layer` picks the teacher's target
+features and `semantic_layer` the semantic encoder's; 0 = after the final LayerNorm, -k = Hugging
+Face's hidden_states[-k] (TokenFlow, SigLIP teacher: -2, the penultimate block's output without
+the final LayerNorm, for both).
+
 The semantic decoder (a small ViT, 3 layers in TokenFlow) regresses the teacher's token
 features with `semantic_cosine_weight * (1 - mean cos)` and `semantic_mse_weight * MSE`. Those
 terms go into the returned QuantizerOutput.losses ('semantic_cosine', 'semantic_mse') beside the
@@ -25,13 +43,37 @@ import jax.numpy as jnp
 from flax import nnx
 
 from visual_tokenizers.core.errors import ConfigError
-from visual_tokenizers.models.teacher import Teacher
+from visual_tokenizers.models.teacher import Teacher, check_layer, hidden_state
 from visual_tokenizers.models.vit import ViTDecoder, ViTEncoder
 from visual_tokenizers.tokenizers.base import QuantizerOutput
 from visual_tokenizers.tokenizers.dual import DualCodebookQuantizer
 
 PIXEL_DECODER_INPUTS = ("pixel", "both")
+TASK_LAYERS = ("tanh", "linear")
 _TRUNK_KEYS = ("patch_size", "width", "depth", "heads", "mlp_dim")
+# TokenFlow's _init_weights: timm trunc_normal_(std=0.02) with its default absolute bounds +-2,
+# i.e. +-100 std: a plain N(0, 0.02).
+_TASK_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+class TanhLinear(nnx.Module):
+    """x -> Linear(tanh(x)): the Tanh and second Linear of a TokenFlow task layer."""
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+        part = nnx.with_partitioning
+        self.linear = nnx.Linear(
+            din, dout, kernel_init=part(_TASK_INIT, ("embed", None)),
+            bias_init=part(nnx.initializers.zeros_init(), (None,)), rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, x):
+        return self.linear(jnp.tanh(x.astype(jnp.float32)))
+
+
+def _task_init(linear: nnx.Linear, rngs: nnx.Rngs) -> None:
+    """Re-initialises a ViT's output projection as a task layer's first Linear."""
+    linear.kernel[...] = _TASK_INIT(rngs.params(), linear.kernel.shape, linear.kernel.dtype)
+    linear.bias[...] = jnp.zeros_like(linear.bias[...])
 
 
 class DualTokenizer(nnx.Module):
@@ -49,6 +91,9 @@ class DualTokenizer(nnx.Module):
         semantic_cosine_weight: float = 1.0,
         semantic_mse_weight: float = 0.0,
         pixel_decoder_input: str = "pixel",
+        encode_task: TanhLinear | None = None,
+        decode_task: TanhLinear | None = None,
+        semantic_layer: int = 0,
     ):
         if pixel_decoder_input not in PIXEL_DECODER_INPUTS:
             raise ConfigError(
@@ -64,13 +109,19 @@ class DualTokenizer(nnx.Module):
         self.semantic_cosine_weight = semantic_cosine_weight
         self.semantic_mse_weight = semantic_mse_weight
         self.pixel_decoder_input = pixel_decoder_input
+        # None: the semantic encoder's head / decoder's output layer is the whole mapping.
+        self.encode_task, self.decode_task = encode_task, decode_task
+        self.semantic_layer = semantic_layer
 
     @property
     def vocab(self):
         return self.quantizer.vocab
 
     def _quantize(self, images, train: bool) -> QuantizerOutput:
-        z_sem = self.semantic_encoder(images).astype(jnp.float32)
+        z_sem = hidden_state(self.semantic_encoder, images, self.semantic_layer)
+        z_sem = z_sem.astype(jnp.float32)
+        if self.encode_task is not None:
+            z_sem = self.encode_task(z_sem)
         z_pix = self.encoder(images).astype(jnp.float32)
         return self.quantizer(z_sem, z_pix, train=train)
 
@@ -82,11 +133,15 @@ class DualTokenizer(nnx.Module):
     def __call__(self, images, *, train: bool = False) -> tuple[jnp.ndarray, QuantizerOutput]:
         out = self._quantize(images, train)
         reconstruction = self._decode_pixels(out.quantized)
-        predicted = self.semantic_decoder(self.quantizer.split(out.quantized)[0])
+        predicted = self._decode_semantic(out.quantized)
         losses, stats = self._semantic_terms(predicted, self.teacher(images))
         return reconstruction, out.replace(
             losses={**out.losses, **losses}, stats={**out.stats, **stats}
         )
+
+    def _decode_semantic(self, quantized):
+        predicted = self.semantic_decoder(self.quantizer.split(quantized)[0])
+        return predicted if self.decode_task is None else self.decode_task(predicted)
 
     def _semantic_terms(self, predicted, target) -> tuple[dict, dict]:
         """Regression of the (stop-gradient) teacher features; weighted losses and stats."""
@@ -114,7 +169,7 @@ class DualTokenizer(nnx.Module):
 
     def decode_semantic(self, indices) -> jnp.ndarray:
         """The semantic decoder's teacher-feature estimate for code indices."""
-        return self.semantic_decoder(self.quantizer.split(self.quantizer.embed(indices))[0])
+        return self._decode_semantic(self.quantizer.embed(indices))
 
 
 def build_dual_tokenizer(
@@ -130,49 +185,67 @@ def build_dual_tokenizer(
 ) -> DualTokenizer:
     """Builds a DualTokenizer from plain dicts (called by tokenizers/tokenizer.build_tokenizer).
 
-    encoder: {'pixel': kwargs, 'semantic': ViT kwargs}; the pixel dicts may name
-      'architecture' ('vit' default, or 'conv'). The teacher is built with the semantic
-      encoder's patch_size / width / depth / heads / mlp_dim.
+    encoder: {'pixel': kwargs, 'semantic': ViT kwargs, 'semantic_task_layer': 'tanh' |
+      'linear', 'semantic_layer': int}; the pixel dicts may name 'architecture' ('vit' default,
+      or 'conv'). The teacher is built with the semantic encoder's patch_size / width / depth /
+      heads / mlp_dim.
     decoder: {'pixel': kwargs, 'semantic': ViT kwargs (width, depth, heads, mlp_dim),
-      'pixel_input': 'pixel' | 'both', 'semantic_cosine_weight', 'semantic_mse_weight'}.
+      'pixel_input': 'pixel' | 'both', 'semantic_cosine_weight', 'semantic_mse_weight',
+      'semantic_task_layer': 'tanh' | 'linear', 'teacher_layer': int}.
+    Left out, the task layers are 'linear' and the layers 0 (this codebase's earlier model, so
+    the configs saved with earlier runs rebuild it).
     quantizer: {'name': 'dual', **DualCodebookQuantizer kwargs}.
-    Both encoders output latent_dim per token; 1-D latents: the same num_latents everywhere.
+    The pixel encoder outputs latent_dim per token; 1-D latents: the same num_latents everywhere.
     architectures: name -> (encoder class, decoder class) for the pixel branch.
     """
-    pix_enc, sem_enc, pix_dec, sem_dec, quantizer, options = _branch_kwargs(
+    pix_enc, sem_enc, pix_dec, sem_dec, quantizer, options, task = _branch_kwargs(
         encoder, decoder, quantizer
     )
     num_latents, pix_arch = _pixel_branch_layout(pix_enc, sem_enc, pix_dec, architectures)
     encoder_cls, decoder_cls = architectures[pix_arch]
     rngs = nnx.Rngs(params=seed)
     common = dict(image_size=image_size, dtype=dtype, rngs=rngs)
-    grid = image_size // sem_enc["patch_size"]
-    pixel_in = latent_dim * (2 if options["pixel_decoder_input"] == "both" else 1)
+    width = sem_enc["width"]
+    tanh_in, tanh_out = (task[k] == "tanh" for k in ("encoder", "decoder"))
+    # Width of the semantic code at the quantizer's input and output: TokenFlow's task layer
+    # outputs the code itself (no projection in the quantizer); else latent_dim, projected.
+    sem_dim = quantizer.get("semantic_code_dim", 32) if tanh_in else latent_dim
+    pixel_in = latent_dim + (sem_dim if options["pixel_decoder_input"] == "both" else 0)
+    # Built in this order so that the 'linear' layout draws the same initial values as before.
+    pixel_encoder = encoder_cls(out_dim=latent_dim, **common, **pix_enc)
+    semantic_encoder = ViTEncoder(out_dim=width if tanh_in else latent_dim, **common, **sem_enc)
+    dual = DualCodebookQuantizer(sem_dim, latent_dim, dtype=dtype, rngs=rngs, **quantizer)
+    pixel_decoder = decoder_cls(in_dim=pixel_in, **common, **pix_dec)
+    semantic_decoder = ViTDecoder(
+        image_size=image_size // sem_enc["patch_size"], patch_size=1, in_dim=sem_dim,
+        out_channels=sem_dec["width"] if tanh_out else width, num_latents=num_latents,
+        dtype=dtype, rngs=rngs, **sem_dec,
+    )  # fmt: skip
+    if tanh_in:
+        _task_init(semantic_encoder.head, rngs)
+        options["encode_task"] = TanhLinear(width, sem_dim, rngs=rngs)
+    if tanh_out:
+        _task_init(semantic_decoder.to_pixels, rngs)
+        options["decode_task"] = TanhLinear(sem_dec["width"], width, rngs=rngs)
+    trunk = {k: sem_enc[k] for k in _TRUNK_KEYS}
     return DualTokenizer(
-        encoder=encoder_cls(out_dim=latent_dim, **common, **pix_enc),
-        semantic_encoder=ViTEncoder(out_dim=latent_dim, **common, **sem_enc),
-        quantizer=DualCodebookQuantizer(
-            latent_dim, latent_dim, dtype=dtype, rngs=rngs, **quantizer
+        encoder=pixel_encoder,
+        semantic_encoder=semantic_encoder,
+        quantizer=dual,
+        decoder=pixel_decoder,
+        semantic_decoder=semantic_decoder,
+        teacher=Teacher(**trunk, **common, layer=task["teacher_layer"]),
+        semantic_layer=check_layer(
+            task["semantic_layer"], sem_enc["depth"], "model.encoder.semantic_layer"
         ),
-        decoder=decoder_cls(in_dim=pixel_in, **common, **pix_dec),
-        semantic_decoder=ViTDecoder(
-            image_size=grid,
-            patch_size=1,
-            in_dim=latent_dim,
-            out_channels=sem_enc["width"],
-            num_latents=num_latents,
-            dtype=dtype,
-            rngs=rngs,
-            **sem_dec,
-        ),  # fmt: skip
-        teacher=Teacher(**{k: sem_enc[k] for k in _TRUNK_KEYS}, **common),
         **options,
     )
 
 
 def _branch_kwargs(encoder: dict, decoder: dict, quantizer: dict):
     """Splits the config dicts into (pixel encoder, semantic encoder, pixel decoder, semantic
-    decoder, quantizer kwargs, DualTokenizer options); unknown or missing keys raise."""
+    decoder, quantizer kwargs, DualTokenizer options, semantic-side layout: task layers and
+    hidden-state layers); unknown or missing keys raise."""
     encoder, decoder, quantizer = dict(encoder), dict(decoder), dict(quantizer)
     _require(encoder, ("pixel", "semantic"), "model.encoder")
     _require(decoder, ("pixel", "semantic"), "model.decoder")
@@ -185,12 +258,24 @@ def _branch_kwargs(encoder: dict, decoder: dict, quantizer: dict):
         semantic_mse_weight=decoder.pop("semantic_mse_weight", 0.0),
         pixel_decoder_input=decoder.pop("pixel_input", "pixel"),
     )
+    task = dict(
+        encoder=encoder.pop("semantic_task_layer", "linear"),
+        decoder=decoder.pop("semantic_task_layer", "linear"),
+        semantic_layer=encoder.pop("semantic_layer", 0),
+        teacher_layer=decoder.pop("teacher_layer", 0),
+    )
+    for side in ("encoder", "decoder"):
+        if task[side] not in TASK_LAYERS:
+            raise ConfigError(
+                f"model.{side}.semantic_task_layer={task[side]!r}; choose one of {TASK_LAYERS} "
+                "(TokenFlow's Linear-Tanh-Linear, or one linear projection)"
+            )
     for name, rest in (("model.encoder", encoder), ("model.decoder", decoder)):
         if rest:
             raise ConfigError(
                 f"{name} has unknown keys {sorted(rest)} for model.architecture='dual'"
             )
-    return pix_enc, sem_enc, pix_dec, sem_dec, quantizer, options
+    return pix_enc, sem_enc, pix_dec, sem_dec, quantizer, options, task
 
 
 def _pixel_branch_layout(pix_enc: dict, sem_enc: dict, pix_dec: dict, architectures: dict):
