@@ -172,26 +172,23 @@ def test_a_damaged_teacher_file_is_named(tmp_path):
         load_vit_npz(str(path), {}, heads=4)
 
 
-def test_export_finds_its_data_before_it_restores_the_tokenizer(
-    trained_12_steps, tmp_path, monkeypatch
-):
-    config = export_config.get_config("tiny")
-    config.tokenizer.workdir = trained_12_steps
-    config.data.source = f"folder:{tmp_path / 'missing'}"
-
-    def too_early(*args, **kwargs):
-        raise AssertionError("the tokenizer was restored before the data was found")
-
-    monkeypatch.setattr(TrainedTokenizer, "from_workdir", too_early)
-    with pytest.raises(DataError, match="no such directory"):
-        export_tokens.run(config, str(tmp_path / "out"))
+def _export_config():
+    return export_config.get_config("tiny")
 
 
-def test_evaluation_finds_its_data_before_it_restores_the_tokenizer(
-    trained_12_steps, tmp_path, monkeypatch
-):
+def _evaluate_config():
     config = evaluate_config.get_config()
     config.update(mode="tokenizer", metrics=("psnr",))
+    return config
+
+
+@pytest.mark.parametrize(
+    "make_config, job", [(_export_config, export_tokens), (_evaluate_config, evaluate)]
+)
+def test_export_and_evaluation_find_their_data_before_they_restore_the_tokenizer(
+    trained_12_steps, tmp_path, monkeypatch, make_config, job
+):
+    config = make_config()
     config.tokenizer.workdir = trained_12_steps
     config.data.source = f"folder:{tmp_path / 'missing'}"
 
@@ -200,4 +197,4 @@ def test_evaluation_finds_its_data_before_it_restores_the_tokenizer(
 
     monkeypatch.setattr(TrainedTokenizer, "from_workdir", too_early)
     with pytest.raises(DataError, match="no such directory"):
-        evaluate.run(config, str(tmp_path / "out"))
+        job.run(config, str(tmp_path / "out"))
