@@ -7,7 +7,9 @@ vector-quantize-pytorch. The output is straight-through: forward value q, gradie
 to x (and through the sphere projection for BSQ).
 
 Index layout: bit i of a token is 1 where x_i > 0, most significant bit first (dimension 0 is
-the top bit, as vector-quantize-pytorch's LFQ). The bits split into index groups, taken in order
+the top bit, as vector-quantize-pytorch's LFQ; `bit_order='lsb'` reverses the dimensions first,
+so that dimension i is bit i of a flat index, 2**i, as Open-MAGVIT2's lookup_free_quantize.py
+numbers its codes). The bits split into index groups, taken in order
 (`vocab.groups`, larger groups first): for d <= 31 the index is one int32 per token whose bits
 read as those groups from the top (MaskGIT's factorised heads split it the same way); for
 d > 31 it does not fit an int32 and `indices` holds the G group indices, shape [..., G], each
@@ -22,10 +24,15 @@ definition (c are the code vectors above: +-1, or +-1/sqrt(d) for BSQ).
 - Per-sample entropy, exact: p(c | x) factorises over bits, so H(p(c | x)) is the sum of the
   binary entropies of p(bit i = 1 | x) = sigmoid(a_i), a_i = 4 * inverse_temperature * s * x_i
   (s = 1 for LFQ, 1/sqrt(d) for BSQ; BSQ's "analytical" form).
-- Codebook entropy, by groups: the code entropy does not factorise, so it is estimated as the
-  sum over groups of g <= entropy_group_bits bits of the entropy of E_n[p_group(c | x_n)], where
-  p_group is the exact marginal of the group's bits, a softmax over its 2**g codes. One group of
-  all d bits is the exact form; more groups give an upper bound (subadditivity of entropy).
+- Codebook entropy, exact (`codebook_entropy='exact'`, d <= 24): H(E_n[p(c | x_n)]) over all
+  2**d codes from a matrix product of the two half-code marginals, chunked over the codebook
+  (tokenizers/binary_entropy.py; memory O(N 2**(d/2)), never [N, 2**d]). `codebook_entropy_eps`
+  > 0 takes Open-MAGVIT2's -sum p log(p + eps) instead.
+- Codebook entropy, by groups (`codebook_entropy='grouped'`): the code entropy does not
+  factorise, so it is estimated as the sum over groups of g <= entropy_group_bits bits of the
+  entropy of E_n[p_group(c | x_n)], where p_group is the exact marginal of the group's bits, a
+  softmax over its 2**g codes. One group of all d bits is the exact form; more groups give an
+  upper bound (subadditivity of entropy).
   The largest tensor is [tokens, 2**g]: nothing of size 2**d is built when g < d. Means over
   tokens are over the whole (global) batch, also when jit shards it over devices.
 
@@ -44,6 +51,11 @@ seen in the last `usage_window` train calls) and 'usage' (window_distinct / 2**d
 a table of the last train call that hit each code: exact for d <= window_table_bits; above that,
 codes are hashed into 2**window_table_bits buckets and the count is the linear-counting
 estimate -m log(1 - occupied / m) (Whang et al. 1990).
+
+Optional MAGVIT-v2 GroupNorm before quantization (`group_norm_groups` = G > 0): the d values
+of each example (first axis; all its tokens together) are normalised per group of d / G
+channels to zero mean and unit variance, without scale or bias (torch.nn.GroupNorm(G, d,
+affine=False) on the channels-first latents), before the sign.
 
 State kinds: only the projections are nnx.Param; the usage table and the step counter are
 UsageState (written by train calls, never differentiated).
@@ -67,6 +79,11 @@ from visual_tokenizers.core.tokens.layout import (
 )
 from visual_tokenizers.tokenizers import bsq
 from visual_tokenizers.tokenizers.base import QuantizerOutput
+from visual_tokenizers.tokenizers.binary_entropy import (
+    MAX_EXACT_BITS,
+    code_signs,
+    exact_codebook_entropy,
+)
 
 sg = jax.lax.stop_gradient
 
@@ -88,11 +105,6 @@ def _entropy(p: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(safe), 0.0), axis=-1)
 
 
-def _code_signs(g: int) -> jax.Array:
-    """[2**g, g] float32 +-1 code vectors of g bits, row k = the bits of k, MSB first."""
-    return jnp.where(indices_to_bits(jnp.arange(2**g)[:, None], (g,)), 1.0, -1.0)
-
-
 def per_sample_entropy(a: jax.Array) -> jax.Array:
     """Mean over tokens of H(p(c | x)) for per-bit logits a [N, d]: exact, O(N d)."""
     return jnp.mean(jnp.sum(binary_entropy(a), -1))
@@ -109,7 +121,7 @@ def codebook_entropy(a: jax.Array, groups: tuple[int, ...]) -> jax.Array:
         part = a[:, start : start + g]
         # Full float32 products: accelerators' default precision would blur the softmax.
         logits = 0.5 * jnp.einsum(
-            "nk,ck->nc", part, _code_signs(g), precision=jax.lax.Precision.HIGHEST
+            "nk,ck->nc", part, code_signs(g), precision=jax.lax.Precision.HIGHEST
         )
         total = total + _entropy(jnp.mean(jax.nn.softmax(logits, -1), 0))
         start += g
@@ -149,6 +161,10 @@ class BinaryQuantizer(nnx.Module):
         diversity_gamma: float = 1.0,
         inverse_temperature: float = 100.0,
         entropy_group_bits: int = 9,
+        codebook_entropy: str = "grouped",
+        codebook_entropy_eps: float = 0.0,
+        bit_order: str = "msb",
+        group_norm_groups: int = 0,
         index_group_bits: int = 0,
         usage_window: int = 100,
         window_table_bits: int = 20,
@@ -167,6 +183,9 @@ class BinaryQuantizer(nnx.Module):
         if entropy_group_bits < 1:
             raise ConfigError(f"quantizer entropy_group_bits={entropy_group_bits} must be >= 1")
         self.entropy_groups = split_bits(d, entropy_group_bits)
+        self.codebook_entropy, self.codebook_entropy_eps = codebook_entropy, codebook_entropy_eps
+        self.bit_order, self.group_norm_groups = bit_order, group_norm_groups
+        _check_lfq_options(d, codebook_entropy, bit_order, group_norm_groups)
         self.index_groups = _index_groups(d, index_group_bits)
         self.flat_indices = not self.vocab.grouped
         self.scale = 1.0 / math.sqrt(d) if self.spherical else 1.0
@@ -189,8 +208,12 @@ class BinaryQuantizer(nnx.Module):
         return Vocab(size=2**self.bits, bits=self.bits, groups=self.index_groups)
 
     def _project_in(self, z: jax.Array) -> jax.Array:
+        """[..., dim] -> [N, d] float32 (tokens flattened after the optional GroupNorm)."""
         x = jnp.asarray(z, jnp.float32)
         x = self.in_proj(x) if self.in_proj is not None else x
+        if self.group_norm_groups:
+            x = _group_norm(x, self.group_norm_groups)
+        x = x.reshape(-1, self.bits)
         if self.spherical:  # F.normalize's eps, so that the peer comparison is exact
             x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return x
@@ -203,12 +226,12 @@ class BinaryQuantizer(nnx.Module):
         """Quantized vectors [..., dim] for indices [...] (d <= 31) or [..., G] (d > 31)."""
         # A flat index reads as one group of all d bits (vocab.int32_groups == (d,)).
         groups = indices[..., None] if self.flat_indices else indices
-        bits = indices_to_bits(groups, self.vocab.int32_groups)
+        bits = self._to_dims(indices_to_bits(groups, self.vocab.int32_groups))
         return self._project_out(jnp.where(bits, self.scale, -self.scale))
 
     def __call__(self, z: jax.Array, *, train: bool = False) -> QuantizerOutput:
         batch_shape = z.shape[:-1]
-        x = self._project_in(z.reshape(-1, self.dim))  # [N, d] float32
+        x = self._project_in(z)  # [N, d] float32
         positive = x > 0
         q = jnp.where(positive, self.scale, -self.scale)
         losses = {"commitment": self.commitment_weight * jnp.mean(jnp.square(x - sg(q)))}
@@ -218,7 +241,7 @@ class BinaryQuantizer(nnx.Module):
                 sample_h, code_h = bsq.hard_entropies(x, batch_shape[0] if batch_shape else 1)
             else:
                 a = (4.0 * self.inverse_temperature * self.scale) * x
-                sample_h, code_h = per_sample_entropy(a), codebook_entropy(a, self.entropy_groups)
+                sample_h, code_h = per_sample_entropy(a), self._codebook_entropy(a)
             penalty = sample_h - self.diversity_gamma * code_h
             losses["entropy"] = self.entropy_weight * penalty
             stats.update(per_sample_entropy=sg(sample_h), codebook_entropy=sg(code_h))
@@ -230,7 +253,7 @@ class BinaryQuantizer(nnx.Module):
             quantized = self._project_out(bsq.scaled_straight_through(x, self.scale))
         else:
             quantized = self._project_out(sg(q) + (x - sg(x)))
-        keys = bits_to_indices(positive, self.vocab.int32_groups)
+        keys = bits_to_indices(self._to_dims(positive), self.vocab.int32_groups)
         stats.update(self._batch_stats(positive, keys))
         stats.update(self._window_stats(keys, train))
         indices = keys[:, 0] if self.flat_indices else keys
@@ -240,6 +263,15 @@ class BinaryQuantizer(nnx.Module):
             losses=losses,
             stats=stats,
         )
+
+    def _to_dims(self, bits: jax.Array) -> jax.Array:
+        """Dimension order <-> index bit order (an involution): reversed for 'lsb'."""
+        return bits[..., ::-1] if self.bit_order == "lsb" else bits
+
+    def _codebook_entropy(self, a: jax.Array) -> jax.Array:
+        if self.codebook_entropy == "exact":
+            return exact_codebook_entropy(a, eps=self.codebook_entropy_eps)
+        return codebook_entropy(a, self.entropy_groups)
 
     def _batch_stats(self, positive: jax.Array, keys: jax.Array) -> dict:
         """Per-bit balance, per-group perplexity and distinct codes of this batch."""
@@ -304,6 +336,32 @@ def _resolve_bits(bits: int | None, codebook_size: int | None) -> int:
     if bits < 1:
         raise ConfigError(f"quantizer.bits={bits} must be >= 1")
     return int(bits)
+
+
+def _check_lfq_options(bits: int, entropy: str, bit_order: str, norm_groups: int) -> None:
+    if entropy not in ("exact", "grouped"):
+        raise ConfigError(f"quantizer.codebook_entropy={entropy!r}: use 'exact' or 'grouped'")
+    if entropy == "exact" and bits > MAX_EXACT_BITS:
+        raise ConfigError(
+            f"quantizer.codebook_entropy='exact' enumerates 2**{bits} codes; above "
+            f"{MAX_EXACT_BITS} bits use 'grouped' (the bound over entropy_group_bits groups)"
+        )
+    if bit_order not in ("msb", "lsb"):
+        raise ConfigError(f"quantizer.bit_order={bit_order!r}: use 'msb' or 'lsb'")
+    if norm_groups < 0 or (norm_groups and bits % norm_groups):
+        raise ConfigError(
+            f"quantizer.group_norm_groups={norm_groups} must divide bits={bits} (0 = off)"
+        )
+
+
+def _group_norm(x: jax.Array, groups: int, eps: float = 1e-5) -> jax.Array:
+    """GroupNorm without affine over x [B, ..., d]: statistics per example and channel group,
+    over all its tokens (torch.nn.GroupNorm's, eps 1e-5, biased variance)."""
+    shape = x.shape
+    x = x.reshape(shape[0], -1, groups, shape[-1] // groups)
+    mean = jnp.mean(x, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 3), keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + eps)).reshape(shape)
 
 
 def _index_groups(bits: int, index_group_bits: int) -> tuple[int, ...]:
