@@ -1,6 +1,7 @@
 """Binary-latent tokenizer: ViT-B encoder and decoder, tokens of 18 bits (2**18 implicit codes)
-from 256x256 images. LFQ (MAGVIT-v2): ViT-B/16, 16x16 tokens. BSQ (BSQ-ViT) with `bsq`: its
-256x256 recipe, ViT-B/8, 32x32 tokens (bsq-vit's `b18g18` config; `bsq_b18g2` its `b18g2`).
+from 256x256 images. LFQ (MAGVIT-v2): ViT-B/16, 16x16 tokens, Open-MAGVIT2's training recipe.
+BSQ (BSQ-ViT) with `bsq`: its 256x256 recipe, ViT-B/8, 32x32 tokens (bsq-vit's `b18g18`
+config; `bsq_b18g2` its `b18g2`).
 
 The encoder head emits the 18 bits' pre-activations directly (latent_dim = bits: no projection,
 no activation before the quantizer, as MAGVIT-v2 recommends; BSQ's quant_embed is this head).
@@ -68,17 +69,52 @@ def apply_recipe(config: ConfigDict, name: str) -> None:
 
 
 def lfq_recipe(config: ConfigDict) -> None:
-    """MAGVIT-v2 trains LFQ with MAGVIT's VQGAN recipe (itself MaskGIT's plus LeCam and EMA):
-    L2 + 0.1 LPIPS + 0.1 non-saturating GAN (StyleGAN discriminator), R1 10, LeCam 0.001,
-    Adam(0, 0.99) lr 1e-4, EMA 0.999. [?] The MAGVIT-v2 training code is unreleased; these
-    are MAGVIT v1's published config values."""
+    """Open-MAGVIT2's 256x256 LFQ recipe (Luo et al. 2024, TencentARC/SEED-Voken, formerly
+    TencentARC/Open-MAGVIT2), each value from: [yaml] configs/Open-MAGVIT2/gpu/
+    imagenet_lfqgan_256_L.yaml, [loss] src/Open_MAGVIT2/modules/losses/vqperceptual.py,
+    [model] src/Open_MAGVIT2/models/lfqgan.py, [lfq] taming/modules/vqvae/
+    lookup_free_quantize.py, [ema] taming/modules/ema.py. (MAGVIT-v2's own code is unreleased.)
+
+    Departures: the architecture stays ViT-B/16 (Open-MAGVIT2: a conv encoder/decoder); the
+    learning rate is constant (theirs also drops 10x after epochs 200 and 250 of 270, which
+    core/runtime/optim.py's schedules cannot express); our LeCam penalty uses the logit EMAs
+    before this step's update (theirs after, a 0.1 % difference in the anchors).
+    """
     config.loss.update(
-        perceptual_weight=0.1, adversarial_weight=0.1, r1_cost=10.0, lecam_weight=0.001
+        l1_weight=1.0,  # [loss] rec_loss = |x - x_rec|, no L2 (pixelloss_weight is unused)
+        l2_weight=0.0,
+        perceptual_weight=1.0,  # [loss] default 1.0, not overridden by [yaml]
+        adversarial_weight=0.1,  # [yaml] gen_loss_weight 0.1: a fixed generator weight ...
+        adaptive_weight=False,  # ... instead of the adaptive one ([yaml] disc_weight unused)
+        gan_loss="hinge",  # [loss] disc_loss default 'hinge' for the discriminator ...
+        discriminator_loss_scale=0.5,  # ... hinge_d_loss = 0.5 (real term + fake term)
+        generator_gan_loss="non_saturating",  # [loss] non_saturate_gen_loss for the generator,
+        generator_image_mean=True,  # on each image's mean patch logit
+        discriminator_start=0,  # [yaml] disc_start 0
+        r1_cost=0.0,  # no R1 in [loss]
+        lecam_weight=0.05,  # [yaml] lecam_loss_weight 0.05
+        lecam_decay=0.999,  # [loss] LeCAM_EMA(decay=0.999)
     )
-    adam = dict(name="adam", lr=1e-4, b1=0.0, b2=0.99, weight_decay=0.0, grad_clip_norm=0.0)
+    # [loss] NLayerDiscriminator: 3 layers, ndf 64, BatchNorm (use_actnorm False), taming's.
+    config.discriminator.name = "patchgan"
+    config.discriminator.patchgan.update(base_channels=64, n_layers=3, norm="batch")
+    # [model] torch.optim.Adam(lr, betas=(0.5, 0.9)) for both; [yaml] learning_rate 1e-4,
+    # scheduler_type "None" (constant); no weight decay, no gradient clipping.
+    adam = dict(name="adam", lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip_norm=0.0)
+    adam.update(schedule="constant", warmup_steps=0)
     config.optimizer.update(adam)
     config.discriminator_optimizer.update(adam)
-    config.ema_decay = 0.999
+    config.ema_decay = 0.999  # [yaml] use_ema True; [ema] LitEma default decay 0.999
+    config.data.batch_size = 256  # [yaml] batch_size 8 per GPU x 8 GPUs x 4 nodes
+    config.num_steps = 270 * 5005  # [yaml] max_epochs 270 of ImageNet at batch 256
+    config.quantizer.update(
+        commitment_weight=0.25,  # [yaml] commit_weight
+        entropy_weight=0.1,  # [yaml] codebook_weight (it scales the entropy loss)
+        diversity_gamma=1.0,  # [yaml] batch_maximization_weight (sample_minimization 1.0)
+        inverse_temperature=100.0,  # [lfq] entropy_loss temperature 0.01
+        codebook_entropy="exact",  # [lfq] softmax over all 2**18 codes, not groups
+        codebook_entropy_eps=1e-5,  # [lfq] avg_entropy = -sum p log(p + 1e-5)
+    )
 
 
 # bsq-vit's per-GPU batch (the yaml's data.batch_size) x its launcher's default 8 GPUs on one

@@ -122,6 +122,8 @@ def tokenizer_base() -> ConfigDict:
                 lpips_weights="",
                 adversarial_weight=0.0,  # > 0 trains a discriminator beside the tokenizer
                 gan_loss="non_saturating",  # or 'hinge'
+                generator_gan_loss="",  # '' = gan_loss; the generator's own kind otherwise
+                generator_image_mean=False,  # generator loss on per-image mean logits
                 discriminator_start=0,
                 discriminator_loss_scale=1.0,
                 adaptive_weight=False,
@@ -212,7 +214,13 @@ def binary_quantizer(name: str = "lfq", bits: int = 18, **overrides) -> ConfigDi
         entropy_weight=0.1,  # MAGVIT-v2; BSQ-ViT's codebook-entropy weight is also 0.1
         diversity_gamma=1.0,  # vector-quantize-pytorch default
         inverse_temperature=100.0,  # tau = 0.01 (Open-MAGVIT2)
-        entropy_group_bits=9,  # codebook entropy over 2 groups of 9 bits for d = 18
+        # 'grouped': codebook entropy bounded over groups of entropy_group_bits (2 x 9 bits for
+        # d = 18); 'exact': over all 2**d codes (Open-MAGVIT2, vector-quantize-pytorch), chunked.
+        codebook_entropy="grouped",
+        entropy_group_bits=9,
+        codebook_entropy_eps=0.0,  # > 0: -sum p log(p + eps) (Open-MAGVIT2: 1e-5); 0: entropy
+        bit_order="msb",  # index bit of dimension 0: 'msb' (top, ours) | 'lsb' (Open-MAGVIT2)
+        group_norm_groups=0,  # > 0: GroupNorm without affine before the sign (MAGVIT-v2 [?])
         index_group_bits=0,  # 0: one int32 index for d <= 31, groups of <= 31 bits above
         usage_window=100,  # train calls in the 'window_distinct' / 'usage' statistics
         window_table_bits=20,  # usage table of 2**20 entries; hashed (estimate) above d = 20

@@ -27,9 +27,9 @@ def reconstruction_losses(images, reconstructions, *, l1_weight: float, l2_weigh
 GAN_LOSSES = ("non_saturating", "hinge")
 
 
-def check_gan_loss(kind: str):
+def check_gan_loss(kind: str, key: str = "loss.gan_loss"):
     if kind not in GAN_LOSSES:
-        raise ConfigError(f"loss.gan_loss {kind!r} is unknown; choose one of {GAN_LOSSES}")
+        raise ConfigError(f"{key} {kind!r} is unknown; choose one of {GAN_LOSSES}")
 
 
 def discriminator_loss(real, fake, kind: str):
@@ -42,10 +42,14 @@ def discriminator_loss(real, fake, kind: str):
     return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
 
 
-def generator_loss(fake, kind: str):
-    """Non-saturating: softplus(-D(G(z))) (= -log sigmoid); hinge: -D(G(z))."""
+def generator_loss(fake, kind: str, *, image_mean: bool = False):
+    """Non-saturating: softplus(-D(G(z))) (= -log sigmoid); hinge: -D(G(z)). image_mean: on
+    each image's mean logit rather than on every logit (Open-MAGVIT2's non_saturate_gen_loss
+    averages its PatchGAN's patch logits per image first)."""
     check_gan_loss(kind)
     fake = fake.astype(jnp.float32)
+    if image_mean:
+        fake = jnp.mean(fake.reshape(fake.shape[0], -1), axis=-1)
     if kind == "hinge":
         return -jnp.mean(fake)
     return jnp.mean(jax.nn.softplus(-fake))

@@ -51,6 +51,8 @@ class LossConfig:
     lpips_weights: str = ""
     adversarial_weight: float = 0.0  # generator's adversarial weight; 0 = no discriminator
     gan_loss: str = "non_saturating"  # or 'hinge'
+    generator_gan_loss: str = ""  # '' = gan_loss; set to pair e.g. a hinge D with a non-sat. G
+    generator_image_mean: bool = False  # G's loss on each image's mean logit (Open-MAGVIT2)
     discriminator_start: int = 0  # step from which the adversarial terms are on
     discriminator_loss_scale: float = 1.0  # multiplies D's real + fake loss
     adaptive_weight: bool = False  # taming-transformers' ||grad rec|| / ||grad gan||
@@ -68,6 +70,8 @@ class LossConfig:
             raise ConfigError(f"config.loss has unknown keys {unknown}; known: {sorted(known)}")
         config = cls(**values)
         losses.check_gan_loss(config.gan_loss)
+        if config.generator_gan_loss:
+            losses.check_gan_loss(config.generator_gan_loss, "loss.generator_gan_loss")
         if config.r1_every < 1:
             raise ConfigError(f"loss.r1_every must be >= 1, got {config.r1_every}")
         return config
@@ -194,7 +198,8 @@ class TokenizerStep:
 
         def adversarial(r):
             logits, _ = _apply(self.model_def.discriminator, disc.params, disc.model_state, r)
-            return losses.generator_loss(logits, cfg.gan_loss)
+            kind = cfg.generator_gan_loss or cfg.gan_loss
+            return losses.generator_loss(logits, kind, image_mean=cfg.generator_image_mean)
 
         gan_value, gan_grad = jax.value_and_grad(adversarial)(recon)
         adaptive = jnp.ones((), jnp.float32)
