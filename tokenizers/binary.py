@@ -92,11 +92,19 @@ class UsageState(nnx.Variable):
     """Usage arrays updated in place by train calls; never differentiated."""
 
 
+@jax.custom_jvp
 def binary_entropy(a: jax.Array) -> jax.Array:
     """Entropy (nats) of Bernoulli(sigmoid(a)), elementwise, finite for any a."""
-    p = jax.nn.sigmoid(a)
-    # -p log p - (1 - p) log(1 - p) with log sigmoid(a) = -softplus(-a).
-    return p * jax.nn.softplus(-a) + (1.0 - p) * jax.nn.softplus(a)
+    # -p log p - (1 - p) log(1 - p) with log sigmoid(a) = -softplus(-a), 1 - p = sigmoid(-a).
+    return jax.nn.sigmoid(a) * jax.nn.softplus(-a) + jax.nn.sigmoid(-a) * jax.nn.softplus(a)
+
+
+@binary_entropy.defjvp
+def _binary_entropy_jvp(primals, tangents):
+    # dH/da = -a p (1 - p) with 1 - p = sigmoid(-a): autodiff's p (1 - p) loses all float32
+    # precision once p rounds near 1 (|a| > ~10, common at inverse temperature 100).
+    (a,), (da,) = primals, tangents
+    return binary_entropy(a), -a * jax.nn.sigmoid(a) * jax.nn.sigmoid(-a) * da
 
 
 def _entropy(p: jax.Array) -> jax.Array:
