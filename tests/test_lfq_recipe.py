@@ -119,6 +119,54 @@ def test_generator_kind_is_checked():
     assert (cfg.generator_gan_loss or cfg.gan_loss) == "hinge"  # '' = the discriminator's kind
 
 
+def test_train_step_uses_open_magvit2_gan_losses():
+    """One step of binary_b16:tiny with the recipe's GAN part on: the logged adversarial term is
+    0.1 x softplus(-per-image mean D logit) and the discriminator term 0.5 x hinge, computed
+    directly from the state before the step."""
+    from visual_tokenizers.core.data.images import to_model
+    from visual_tokenizers.core.runtime import mesh as mesh_lib
+    from visual_tokenizers.core.runtime import train_state as ts
+    from visual_tokenizers.jobs import train_tokenizer
+    from visual_tokenizers.trained import builders
+
+    config = binary_b16.get_config("tiny")
+    config.loss.update(adversarial_weight=0.1, lecam_weight=0.05)
+    config.discriminator.patchgan.update(base_channels=8, n_layers=2)
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices()[:1])
+    model_fn, optimizer = (
+        builders.model_fn_from_config(config),
+        builders.optimizer_from_config(config),
+    )
+    disc = builders.discriminator_from_config(config)
+    model_def, _, shardings = ts.state_shardings(
+        model_fn, optimizer, mesh, tuple(config.sharding_rules), discriminator=disc
+    )
+    state = ts.init_state(model_fn, optimizer, shardings, discriminator=disc)
+    step = train_tokenizer.make_train_step(
+        model_def, optimizer, config.loss.to_dict(), discriminator_optimizer=disc.optimizer
+    )
+    images = np.random.default_rng(5).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    x = to_model(jnp.asarray(images))
+
+    @jax.jit
+    def expected(state):
+        model = model_def.merge(state.params, state.model_state)
+        recon, _ = model(x, train=True)
+        d = state.discriminator
+        d_model = model_def.discriminator.merge(d.params, d.model_state)
+        fake_g = d_model(recon).reshape(4, -1).mean(-1)  # as the generator sees it
+        real, fake = d_model(x), d_model(recon)  # then the discriminator, same module state
+        hinge = jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake))
+        return 0.1 * jnp.mean(jax.nn.softplus(-fake_g)), 0.5 * hinge
+
+    want_g, want_d = expected(state)
+    _, metrics = jax.jit(step)(state, {"image": jnp.asarray(images)})
+    # Per-logit instead of per-image means would be ~2 % off here.
+    np.testing.assert_allclose(metrics["loss/adversarial"], want_g, rtol=1e-4)
+    np.testing.assert_allclose(metrics["loss/discriminator"], want_d, rtol=1e-4)
+    assert "loss/lecam" in metrics and "loss/l1" in metrics and "loss/l2" not in metrics
+
+
 # ----------------------------------------------------------------------------- config
 
 
