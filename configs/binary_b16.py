@@ -150,6 +150,9 @@ def bsq_recipe(config: ConfigDict) -> None:
         hard_entropy=False,  # bsq.py soft_entropy=True (bsqvit.py does not pass it)
         codebook_rampup_multiplier=3.0,  # the yaml's codebook_rampup_multiplier
         codebook_rampup_steps=2_000,  # the yaml's codebook_rampup_steps
+        codebook_entropy="grouped",  # bsq.py: per-bit (1-bit group) probabilities, see above
+        bit_order="msb",  # bsq.py's index basis 2**(d-1) ... 1: most significant bit first
+        group_norm_groups=0,  # bsqvit.py l2-normalises the encoder output, no GroupNorm
     )
     config.loss.update(
         l1_weight=1.0,  # vqperceptual.py rec_loss = |x - x_rec|, reconstruct_weight 1.0
