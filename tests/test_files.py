@@ -86,7 +86,9 @@ def test_maskgit_resume_on_other_tokens_is_refused(monkeypatch, tmp_path):
     """A MaskGIT workdir trained on one vocabulary refuses to resume on another, naming it."""
     saved = {"vocab": {"size": 256, "bits": None, "groups": None}, "token_shape": [8, 8]}
     saved |= {"num_classes": 10, "tokens": "export:a", "num_examples": 100}
-    monkeypatch.setattr(checkpoint, "read_config", lambda workdir: (7, {"resolved": saved}))
+    monkeypatch.setattr(
+        checkpoint, "read_config", lambda workdir, step=None: (7, {"resolved": saved})
+    )
     train_maskgit._check_resume(str(tmp_path), dict(saved))  # the same tokens: resumes
     other = {**saved, "vocab": {"size": 1024, "bits": None, "groups": None}}
     with pytest.raises(checkpoint.CheckpointError, match=r"vocab.size: was 256, now 1024"):
