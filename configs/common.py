@@ -172,7 +172,10 @@ def vq_quantizer(**overrides) -> ConfigDict:
         kmeans_init=False,
         kmeans_iters=10,
         restart_dead_codes=False,
-        dead_code_threshold=1e-3,
+        dead_code_threshold=1e-3,  # 'share' rule: fraction of the uniform share
+        dead_code_rule="share",  # or 'ema_count': vector-quantize-pytorch's absolute rule
+        dead_code_min_count=2.0,  # 'ema_count': threshold_ema_dead_code (its Codebook default)
+        dead_code_cooldown=0,  # > 0: steps a restarted code is spared (tokenizers/dead_codes.py)
         entropy_weight=0.0,
         entropy_temperature=0.01,
         usage_decay=0.99,
