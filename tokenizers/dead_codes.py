@@ -17,7 +17,9 @@ Two rules (`dead_code_rule`), both evaluated after the step's statistics are upd
   code i is dead when cluster_size_i < dead_code_min_count. A restarted code gets
   cluster_size = dead_code_min_count (the peer's default `reset_cluster_size`). Being an
   absolute count, the rule depends on the batch size N: a code is kept when it wins, on
-  average, at least dead_code_min_count vectors per step.
+  average, at least dead_code_min_count vectors per step. Sizes start at 1, below the peer's
+  threshold 2, so at the first step every code that wins fewer than
+  (dead_code_min_count - ema_decay) / (1 - ema_decay) vectors is restarted, as in the peer.
 
 Dead codes are set to random vectors of the current batch, drawn with replacement (the peer
 draws without replacement and, when there are more dead codes than vectors, restarts a random
