@@ -144,9 +144,10 @@ def tokenizer_base() -> ConfigDict:
             ema_decay=0.0,  # > 0 keeps an EMA of the tokenizer's params (used for eval/export)
             # TensorFlow's ExponentialMovingAverage warm-up, decay min(ema_decay, (1+t)/(10+t))
             # at step t (tokenizers/training.py). On for every recipe, although their sources
-            # (MaskGIT, LlamaGen, bsq-vit's timm ModelEmaV2) use a constant decay: without it
-            # the EMA keeps a share of the random init for ~1 / (1 - ema_decay) steps.
-            # False = the sources' constant decay.
+            # use a constant decay (MaskGIT, LlamaGen, bsq-vit's timm ModelEmaV2, Open-MAGVIT2's
+            # LitEma with use_num_upates=False: TencentARC/Open-MAGVIT2 src/IBQ/modules/ema.py):
+            # without it the EMA keeps a share of the random init for ~1 / (1 - ema_decay)
+            # steps. False = the sources' constant decay.
             ema_warmup=True,
             log_every=100,
             checkpoint_every=5_000,

@@ -22,8 +22,9 @@ EMA warm-up (`ema_warmup`, on by default): the EMA starts as a copy of the rando
 a constant decay d it still holds d**t of it after t steps (e**-2 ~ 13.5 % at d = 0.9999, step
 20k). With the warm-up the update at step t uses d_t = min(d, (1 + t) / (10 + t)), t counting
 the optimizer steps taken with this one (t = 1 at the first): TensorFlow's
-ExponentialMovingAverage with num_updates (tensorflow/python/training/moving_averages.py, as
-yang-song/score_sde_pytorch models/ema.py uses it). d_t reaches d only at
+ExponentialMovingAverage with num_updates (tensorflow/python/training/moving_averages.py),
+counted as latent-diffusion's LitEma with use_num_upates does (CompVis/latent-diffusion
+ldm/modules/ema.py; Open-MAGVIT2's copy turns it off by default). d_t reaches d only at
 t = (10 d - 1) / (1 - d), ~900 steps at d = 0.99, ~90k at d = 0.9999; before that the EMA
 averages over roughly the last t / 9 steps. The effective decay of the last update is saved
 with every checkpoint (`ema_record`; read it back with core/runtime/checkpoint.py
