@@ -142,6 +142,13 @@ def tokenizer_base() -> ConfigDict:
             ),
             discriminator_optimizer=dict(LLAMAGEN_ADAM),
             ema_decay=0.0,  # > 0 keeps an EMA of the tokenizer's params (used for eval/export)
+            # TensorFlow's ExponentialMovingAverage warm-up, decay min(ema_decay, (1+t)/(10+t))
+            # at step t (tokenizers/training.py). On for every recipe, although their sources
+            # use a constant decay (MaskGIT, LlamaGen, bsq-vit's timm ModelEmaV2, Open-MAGVIT2's
+            # LitEma with use_num_upates=False: TencentARC/Open-MAGVIT2 src/IBQ/modules/ema.py):
+            # without it the EMA keeps a share of the random init for ~1 / (1 - ema_decay)
+            # steps. False = the sources' constant decay.
+            ema_warmup=True,
             log_every=100,
             checkpoint_every=5_000,
             keep_checkpoints=3,
@@ -167,7 +174,10 @@ def vq_quantizer(**overrides) -> ConfigDict:
         kmeans_init=False,
         kmeans_iters=10,
         restart_dead_codes=False,
-        dead_code_threshold=1e-3,
+        dead_code_threshold=1e-3,  # 'share' rule: fraction of the uniform share
+        dead_code_rule="share",  # or 'ema_count': vector-quantize-pytorch's absolute rule
+        dead_code_min_count=2.0,  # 'ema_count': threshold_ema_dead_code (its Codebook default)
+        dead_code_cooldown=0,  # > 0: steps a restarted code is spared (tokenizers/dead_codes.py)
         entropy_weight=0.0,
         entropy_temperature=0.01,
         usage_decay=0.99,

@@ -68,6 +68,7 @@ def compile_step(config, model_fn, model_def, optimizer, disc, shardings, mesh, 
         config.loss.to_dict(),
         discriminator_optimizer=disc.optimizer if disc else None,
         ema_decay=config.ema_decay,
+        ema_warmup=config.ema_warmup,
         lpips_def=lpips_def,
         adaptive_path=adaptive_path,
     )
@@ -173,6 +174,7 @@ def run(config, workdir: str) -> dict:
         eval_every=config.eval_every,
         evaluate=lambda s, step: eval_fn(state=s, step=step),
         finish=lambda s: eval_fn(state=s, step=int(s.step)),
+        checkpoint_meta=functools.partial(training.ema_record, config.ema_decay, config.ema_warmup),
     )
     step = int(outcome.state.step)
     if outcome.stopped_early:

@@ -127,8 +127,13 @@ def test_discriminator_start_lazy_r1_and_ema_rule(single):
     run, states, logged = single
     after = states[1:] + [host(run.state)]
     for before, now in zip(states, after, strict=True):
-        # EMA rule: ema <- d * ema + (1 - d) * new params, every step.
-        expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, before.ema_params, now.params)
+        # EMA rule: ema <- d * ema + (1 - d) * new params, every step, with the warm-up's
+        # d = min(0.9, (1 + t) / (10 + t)) at update t = step + 1 (below 0.9 until t = 80).
+        t = int(before.step) + 1
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = jax.tree.map(
+            lambda e, p, d=d: d * e + (1 - d) * p, before.ema_params, now.params
+        )
         for a, b in pairs(expected, now.ema_params):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # Step 0 comes before discriminator_start: the discriminator did not move.

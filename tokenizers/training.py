@@ -5,8 +5,8 @@ In order, one step (`TokenizerStep.train_step`)
 1. updates the tokenizer (the generator) on pixel + perceptual (LPIPS) + quantizer terms, plus
    the adversarial term from `discriminator_start` on (optionally with taming-transformers'
    adaptive weight): `generator_update`, with `pixel_terms` and `adversarial_cotangent`;
-2. moves its EMA: ema = decay * ema + (1 - decay) * params (when the state keeps one):
-   `ema_update`;
+2. moves its EMA: ema = d_t * ema + (1 - d_t) * params (when the state keeps one):
+   `ema_update`, with the warm-up below;
 3. updates the discriminator on the same batch (`discriminator_update`): real images against
    the reconstructions of step 1 (non-saturating or hinge), plus LeCam and a lazy R1 penalty
    every `r1_every` steps (scaled by `r1_every`, as StyleGAN2's lazy regularisation: `lazy_r1`).
@@ -17,6 +17,20 @@ The generator's backward pass is a single vjp: the gradients of the pixel/percep
 of the adversarial term with respect to the reconstruction are combined, then pulled back
 through the tokenizer once. The adaptive weight pulls each of the two back separately too, but
 only the decoder's output kernel of those is used, so XLA keeps only that last layer's part.
+
+EMA warm-up (`ema_warmup`, on by default): the EMA starts as a copy of the random init, so at
+a constant decay d it still holds d**t of it after t steps (e**-2 ~ 13.5 % at d = 0.9999, step
+20k). With the warm-up the update at step t uses d_t = min(d, (1 + t) / (10 + t)), t counting
+the optimizer steps taken with this one (t = 1 at the first): TensorFlow's
+ExponentialMovingAverage with num_updates (tensorflow/python/training/moving_averages.py),
+counted as latent-diffusion's LitEma with use_num_upates does (CompVis/latent-diffusion
+ldm/modules/ema.py; Open-MAGVIT2's copy turns it off by default). d_t reaches d only at
+t = (10 d - 1) / (1 - d), ~900 steps at d = 0.99, ~90k at d = 0.9999; before that the EMA
+averages over roughly the last t / 9 steps. The effective decay of the last update is saved
+with every checkpoint (`ema_record`; read it back with core/runtime/checkpoint.py
+`read_meta`). Nothing is added to the train state, so runs saved without the warm-up resume;
+their saved config lacks `ema_warmup`, so a resume under a config with it on applies the cap
+from the resumed step on.
 """
 
 from __future__ import annotations
@@ -81,6 +95,27 @@ class LossConfig:
         return self.adversarial_weight > 0
 
 
+def ema_decay_at(decay: float, t, warmup: bool = True) -> jax.Array:
+    """The decay of EMA update number t (t = 1 at the first step): min(decay, (1 + t) / (10 + t))
+    with the warm-up, else decay; float32, as the train step uses it."""
+    decay = jnp.asarray(decay, jnp.float32)
+    if not warmup:
+        return decay
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def ema_record(decay: float, warmup: bool, step: int) -> dict:
+    """What a checkpoint at `step` records about the EMA it holds ({} without one): the
+    configured decay, the warm-up switch and `effective_decay`, the decay of its last update."""
+    if not decay:
+        return {}
+    effective = float(ema_decay_at(decay, step, warmup)) if step else None  # none made yet
+    return {
+        "ema": {"decay": decay, "warmup": warmup, "updates": step, "effective_decay": effective}
+    }
+
+
 def output_kernel_path(model) -> tuple[str, ...]:
     """Path of the decoder's output kernel in the params tree (for the adaptive weight)."""
     for cls, name in OUTPUT_LAYERS.items():
@@ -111,6 +146,7 @@ def make_train_step(
     *,
     discriminator_optimizer: optax.GradientTransformation | None = None,
     ema_decay: float = 0.0,
+    ema_warmup: bool = True,
     lpips_def=None,
     adaptive_path: tuple[str, ...] | None = None,
 ):
@@ -126,7 +162,14 @@ def make_train_step(
     if cfg.uses_discriminator and discriminator_optimizer is None:
         raise ValueError("loss.adversarial_weight > 0 needs a discriminator optimizer")
     step = TokenizerStep(
-        model_def, optimizer, cfg, discriminator_optimizer, ema_decay, lpips_def, adaptive_path
+        model_def,
+        optimizer,
+        cfg,
+        discriminator_optimizer,
+        ema_decay,
+        lpips_def,
+        adaptive_path,
+        ema_warmup,
     )
     return step.train_step
 
@@ -143,6 +186,7 @@ class TokenizerStep:
     ema_decay: float = 0.0
     lpips_def: Any = None
     adaptive_path: tuple[str, ...] | None = None
+    ema_warmup: bool = True
 
     def train_step(self, state: ts.TrainState, batch, frozen=None):
         """Generator update, EMA, then the discriminator on the same batch and reconstructions."""
@@ -250,8 +294,10 @@ class TokenizerStep:
         return state, jax.lax.stop_gradient(recon), logged
 
     def ema_update(self, state: ts.TrainState, ema_params) -> ts.TrainState:
-        """ema = decay * ema + (1 - decay) * the just-updated params."""
-        ema = optax.incremental_update(state.params, ema_params, 1.0 - self.ema_decay)
+        """ema = d_t * ema + (1 - d_t) * the just-updated params; `state.step` is still the
+        count before this step, so this is update t = step + 1 (module docstring)."""
+        decay = ema_decay_at(self.ema_decay, state.step + 1, self.ema_warmup)
+        ema = optax.incremental_update(state.params, ema_params, 1.0 - decay)
         return state.replace(ema_params=ema)
 
     # ------------------------------------------------------------------ discriminator

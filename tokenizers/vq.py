@@ -16,17 +16,9 @@ Features, each off unless its argument turns it on:
 - EMA codebook (`use_ema`): VQ-VAE-2 style moving averages of cluster sizes and sums with
   Laplace smoothing replace the codebook loss.
 - k-means init (`kmeans_init`): Lloyd iterations on the first training batch set the codebook.
-- Dead-code restart (`restart_dead_codes`), rule:
-    usage_i <- usage_decay * usage_i + (1 - usage_decay) * (vectors assigned to i) / N
-  on every train call (usage starts at 0). With t train calls so far, code i is dead when its
-  bias-corrected share usage_i / (1 - usage_decay**t) is below dead_code_threshold / K, i.e.
-  it receives less than `dead_code_threshold` times its uniform share of the assignments.
-  Never-used codes are therefore dead after the first step. Dead codes are set to random
-  vectors of the current batch and their usage goes back to 0, so a restarted code must win
-  at least dead_code_threshold * N / (K * (1 - usage_decay)) vectors in its next step (any
-  one vector when N <= 10 K at the defaults) or it is restarted again. Under jax.jit
-  with a data-sharded input the batch is the global array, so candidates come from every
-  device, and the key (seed folded with the step counter) is the same everywhere.
+- Dead-code restart (`restart_dead_codes`): codes that `dead_code_rule` calls dead ('share',
+  this codebase's, or 'ema_count', vector-quantize-pytorch's) become random batch vectors;
+  `dead_code_cooldown` spares a restarted code for that many steps (tokenizers/dead_codes.py).
 
 Stats: 'perplexity' (exp of the entropy of this batch's code histogram), 'batch_usage'
 (fraction of codes hit in this batch), 'usage' (fraction of codes whose usage EMA is above
@@ -35,11 +27,11 @@ steps at this batch size N) and, with restarts, 'restarted' (codes restarted thi
 
 State kinds: only gradient-trained arrays are nnx.Param (projections; the codebook unless
 `use_ema`). Everything the forward pass writes is a CodebookState (EMA codebook and
-statistics, usage, step counter, k-means flag). A Param cannot be written in place during the
-forward pass (the trainer keeps only non-Param updates), so without EMA, k-means init and
-restarts write into `codebook_offset`, a CodebookState added to the Param: setting row i to v
-stores v - param_i there (exact up to float32 rounding), and gradient steps on the Param
-still move the row.
+statistics, usage, step counter, k-means flag, each code's last restart). A Param cannot be
+written in place during the forward pass (the trainer keeps only non-Param updates), so
+without EMA, k-means init and restarts write into `codebook_offset`, a CodebookState added to
+the Param: setting row i to v stores v - param_i there (exact up to float32 rounding), and
+gradient steps on the Param still move the row.
 
 All distances and losses are computed in float32 whatever `dtype` is; `dtype` is the dtype of
 the returned quantized vectors and of `embed`.
@@ -54,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from visual_tokenizers.core.tokens.layout import Vocab
+from visual_tokenizers.tokenizers import dead_codes
 from visual_tokenizers.tokenizers.base import QuantizerOutput
 
 sg = jax.lax.stop_gradient
@@ -199,6 +192,9 @@ class VectorQuantizer(nnx.Module):
         kmeans_iters: int = 10,
         restart_dead_codes: bool = False,
         dead_code_threshold: float = 1e-3,
+        dead_code_rule: str = "share",
+        dead_code_min_count: float = 2.0,
+        dead_code_cooldown: int = 0,
         entropy_weight: float = 0.0,
         entropy_temperature: float = 0.01,
         usage_decay: float = 0.99,
@@ -213,6 +209,9 @@ class VectorQuantizer(nnx.Module):
         self.use_ema, self.ema_decay, self.ema_epsilon = use_ema, ema_decay, ema_epsilon
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.restart_dead_codes, self.dead_code_threshold = restart_dead_codes, dead_code_threshold
+        dead_codes.check(dead_code_rule, dead_code_min_count, dead_code_cooldown)
+        self.dead_code_rule, self.dead_code_min_count = dead_code_rule, dead_code_min_count
+        self.dead_code_cooldown = int(dead_code_cooldown)
         self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.usage_decay, self.search_chunk_size = usage_decay, search_chunk_size
         self.seed, self.dtype = seed, dtype
@@ -239,19 +238,21 @@ class VectorQuantizer(nnx.Module):
         codes = _l2norm(codes) if l2_normalize else codes
         kind = CodebookState if use_ema else nnx.Param
         self.codebook = kind(codes, out_sharding=("codebook", None))
-        if use_ema:
-            # Every code starts as a cluster of size 1 at its own position (as the peer does).
-            self.cluster_size = CodebookState(jnp.ones((k,)), out_sharding=("codebook",))
-            self.embed_sum = CodebookState(codes, out_sharding=("codebook", None))
-        else:
-            self.cluster_size = self.embed_sum = None
-        if not use_ema and (kmeans_init or restart_dead_codes):
-            self.codebook_offset = CodebookState(jnp.zeros((k, d)), out_sharding=("codebook", None))
-        else:
-            self.codebook_offset = None
+        # Every code starts as a cluster of size 1 at its own position (as the peer does); the
+        # 'ema_count' rule reads these sizes, also with a gradient-trained codebook.
+        sized = use_ema or (restart_dead_codes and dead_code_rule == "ema_count")
+        ones = CodebookState(jnp.ones((k,)), out_sharding=("codebook",))
+        self.cluster_size = ones if sized else None
+        self.embed_sum = CodebookState(codes, out_sharding=("codebook", None)) if use_ema else None
+        offsets = not use_ema and (kmeans_init or restart_dead_codes)
+        offset = CodebookState(jnp.zeros((k, d)), out_sharding=("codebook", None))
+        self.codebook_offset = offset if offsets else None
         self.usage = CodebookState(jnp.zeros((k,)), out_sharding=("codebook",))
         self.step = CodebookState(jnp.zeros((), jnp.int32))
         self.initialized = CodebookState(jnp.array(not kmeans_init))
+        # Only with the guard on: configs without it keep the state (and checkpoints) they had.
+        never = CodebookState(dead_codes.never_restarted(k), out_sharding=("codebook",))
+        self.last_restart = never if restart_dead_codes and self.dead_code_cooldown else None
 
     @property
     def vocab(self) -> Vocab:
@@ -321,9 +322,10 @@ class VectorQuantizer(nnx.Module):
     def _write_codes(self, mask: jax.Array, values: jax.Array, sizes: jax.Array):
         """Sets rows where mask (code space) to values; EMA rows become clusters of `sizes`."""
         m = mask[:, None]
+        if self.cluster_size is not None:
+            self.cluster_size[...] = jnp.where(mask, sizes, self.cluster_size[...])
         if self.use_ema:
             self.codebook[...] = jnp.where(m, values, self.codebook[...])
-            self.cluster_size[...] = jnp.where(mask, sizes, self.cluster_size[...])
             self.embed_sum[...] = jnp.where(m, values * sizes[:, None], self.embed_sum[...])
         else:
             param = sg(self.codebook[...].astype(jnp.float32))
@@ -349,21 +351,34 @@ class VectorQuantizer(nnx.Module):
 
     def _update_state(self, ze: jax.Array, idx: jax.Array, counts: jax.Array) -> dict:
         """Train-time updates: usage EMA, EMA codebook, dead-code restarts, step counter."""
-        n, k, d = ze.shape[0], self.codebook_size, self.usage_decay
+        n, d = ze.shape[0], self.usage_decay
         self.usage[...] = d * self.usage[...] + (1.0 - d) * counts / n
         stats = {}
         if self.use_ema:
             self._ema_update(ze, idx, counts)
+        elif self.cluster_size is not None:  # the 'ema_count' rule's sizes (vq-pytorch's decay)
+            e = self.ema_decay
+            self.cluster_size[...] = e * self.cluster_size[...] + (1.0 - e) * counts
         if self.restart_dead_codes:
-            t = (self.step[...] + 1).astype(jnp.float32)
-            share = self.usage[...] / (1.0 - d**t)  # bias-corrected, as in Adam
-            dead = share < self.dead_code_threshold / k
-            pick = jax.random.randint(self._key(1), (k,), 0, n)
-            self._write_codes(dead, ze[pick], jnp.ones((k,)))
-            self.usage[...] = jnp.where(dead, 0.0, self.usage[...])
-            stats["restarted"] = jnp.sum(dead).astype(jnp.float32)
+            stats["restarted"] = self._restart_dead(ze)
         self.step[...] = self.step[...] + 1
         return stats
+
+    def _restart_dead(self, ze: jax.Array) -> jax.Array:
+        """Restarts the codes the rule calls dead (tokenizers/dead_codes.py); returns how many."""
+        n, k, step = ze.shape[0], self.codebook_size, self.step[...]
+        if self.dead_code_rule == "ema_count":  # restarted: the peer's reset_cluster_size
+            dead, size = self.cluster_size[...] < self.dead_code_min_count, self.dead_code_min_count
+        else:
+            dead, size = dead_codes.share_dead(self, step + 1), 1.0
+        if self.last_restart is not None:
+            dead, self.last_restart[...] = dead_codes.guard(
+                dead, step, self.last_restart[...], self.dead_code_cooldown
+            )
+        pick = jax.random.randint(self._key(1), (k,), 0, n)
+        self._write_codes(dead, ze[pick], jnp.full((k,), size, jnp.float32))
+        self.usage[...] = jnp.where(dead, 0.0, self.usage[...])
+        return jnp.sum(dead).astype(jnp.float32)
 
     def _ema_update(self, ze: jax.Array, idx: jax.Array, counts: jax.Array):
         """codebook_i = EMA(sum of vectors in i) / Laplace-smoothed EMA(size of i)."""

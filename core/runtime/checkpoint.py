@@ -1,4 +1,6 @@
-"""Orbax checkpoints under WORKDIR/checkpoints: train state plus the config that made it.
+"""Orbax checkpoints under WORKDIR/checkpoints: train state plus the config that made it, and a
+small JSON record of what the arrays do not show (`meta`, e.g. the tokenizer's effective EMA
+decay: tokenizers/training.py `ema_record`; read it back with `read_meta`).
 
 Resume order (see `restore_or_init` in core/runtime/train_state.py): the workdir's latest
 checkpoint (or `config.resume_step`), then `config.init_from`, then a fresh init. Restoring
@@ -52,7 +54,11 @@ def manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.Checkpoi
 def _handlers(partial: bool = False):
     # The pytree handler reads what StandardCheckpointHandler wrote and allows a partial read.
     state = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
-    return {"state": state, "config": ocp.JsonCheckpointHandler()}
+    return {
+        "state": state,
+        "config": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
 
 
 def _read_only(directory: str, partial: bool = False) -> ocp.CheckpointManager:
@@ -63,13 +69,18 @@ def _read_only(directory: str, partial: bool = False) -> ocp.CheckpointManager:
     )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, config_dict: dict, *, force=False):
-    """Saves asynchronously; returns at once. Call `mngr.wait_until_finished()` before exiting."""
+def save(
+    mngr: ocp.CheckpointManager, step: int, state, config_dict: dict, *, meta=None, force=False
+):
+    """Saves asynchronously; returns at once. Call `mngr.wait_until_finished()` before exiting.
+
+    meta: a JSON-able dict saved beside the state (`read_meta`); {} when None."""
     saved = mngr.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(files.as_json(config_dict, default=str)),  # NaN as null
+            meta=ocp.args.JsonSave(files.as_json(meta or {}, default=str)),
         ),
         force=force,
     )
@@ -126,6 +137,15 @@ def _config_at(mngr, step: int) -> dict:
         return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     except Exception as err:
         raise Damaged(_file_problem(mngr, step, "config/metadata", err)) from err
+
+
+def _meta_at(mngr, step: int) -> dict:
+    if not os.path.isdir(os.path.join(os.fspath(mngr.directory), str(step), "meta")):
+        return {}  # written before checkpoints kept a meta record
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as err:
+        raise Damaged(_file_problem(mngr, step, "meta/metadata", err)) from err
 
 
 def _metadata_at(mngr, step: int):
@@ -338,3 +358,11 @@ def read_config(workdir: str, step: int | None = None, choice: str = ARGUMENT):
     """(step, config dict) saved with a checkpoint of `workdir` (default: the latest)."""
     with finished_run(workdir) as mngr:
         return read(mngr, step, lambda at: (at, _config_at(mngr, at)), choice)
+
+
+def read_meta(workdir: str, step: int | None = None, choice: str = ARGUMENT):
+    """(step, meta dict) saved with a checkpoint of `workdir` (default: the latest), e.g.
+    {'ema': {'decay', 'warmup', 'updates', 'effective_decay'}}; {} for a checkpoint written
+    before checkpoints kept one."""
+    with finished_run(workdir) as mngr:
+        return read(mngr, step, lambda at: (at, _meta_at(mngr, at)), choice)

@@ -102,10 +102,12 @@ class TrainingJob:
         eval_every: int = 0,
         evaluate: Callable | None = None,
         finish: Callable[[ts.TrainState], dict | None] | None = None,
+        checkpoint_meta: Callable[[int], dict] | None = None,
     ) -> Outcome:
         """Runs the shared loop to config.num_steps (see `loop.train`), then `finish(state)`
         unless the run stopped early; a dict it returns is logged under 'final/'. Closes the
-        batches (when they can be closed), the metric writer and the checkpoint manager."""
+        batches (when they can be closed), the metric writer and the checkpoint manager.
+        checkpoint_meta(step) -> dict is saved with each checkpoint (checkpoint.read_meta)."""
         writer = loop.MetricWriter(self.workdir)
         final = None
         try:
@@ -119,6 +121,7 @@ class TrainingJob:
                 **loop.cadence(self.config),
                 eval_every=eval_every,
                 evaluate=evaluate,
+                checkpoint_meta=checkpoint_meta,
             )
             if not stopped and finish is not None:
                 final = finish(state)

@@ -177,8 +177,11 @@ def train(
     checkpoint_every: int,
     eval_every: int = 0,
     evaluate: Callable | None = None,
+    checkpoint_meta: Callable[[int], dict] | None = None,
 ):
-    """Runs steps until `num_steps`; returns (state, last logged metrics, stopped_early)."""
+    """Runs steps until `num_steps`; returns (state, last logged metrics, stopped_early).
+
+    checkpoint_meta(step) -> dict: saved with each checkpoint (checkpoint.read_meta)."""
     step = int(state.step)
     history: list[tuple] = []  # (step, metrics, non-finite flags), on device
     last_metrics: dict = {}
@@ -204,7 +207,8 @@ def train(
                 logging.info(format_line(step, num_steps, last_metrics, rate))
                 writer.write(step, {**last_metrics, "steps_per_s": rate})
             if save:
-                checkpoint.save(ckpt_manager, step, state, config_dict, force=stop)
+                meta = checkpoint_meta(step) if checkpoint_meta is not None else None
+                checkpoint.save(ckpt_manager, step, state, config_dict, meta=meta, force=stop)
                 last_saved = step
             # The final evaluation is the job's: skip the periodic one at the last step.
             if evaluate is not None and eval_every and step % eval_every == 0 and step < num_steps:
