@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_binary import _largest_intermediate  # noqa: PLC2701 (a shared test helper)
 
 from visual_tokenizers.tokenizers import binary
 from visual_tokenizers.tokenizers.binary import LookupFreeQuantizer
@@ -84,20 +85,6 @@ def test_open_magvit2_form_with_eps():
     np.testing.assert_allclose(h, h64, rtol=1e-5)
     assert rel(g, g64) < 1e-5
     assert abs(float(h) - entropy_and_grad64(a)[0]) > 1e-3  # a different quantity from eps = 0
-
-
-def _largest_intermediate(jaxpr) -> int:
-    """Largest array (elements) produced anywhere in a jaxpr, sub-jaxprs included."""
-    best = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            best = max(best, int(np.prod(getattr(var.aval, "shape", ()))))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    best = max(best, _largest_intermediate(inner))
-    return best
 
 
 @pytest.mark.parametrize("chunk_bits", [None, 4])
