@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_binary import _largest_intermediate  # noqa: PLC2701 (a shared test helper)
+from test_binary import _largest_intermediate
 
 from visual_tokenizers.tokenizers import binary
 from visual_tokenizers.tokenizers.binary import LookupFreeQuantizer
