@@ -43,6 +43,8 @@ MAY_CHANGE = (
 )
 # ...except these, which change the optimizer state's structure or the kind of optimizer.
 MUST_MATCH = ("optimizer.name", "discriminator_optimizer.name")
+# Keys a job adds to the config it saves (MaskGIT's resolved tokens, checked by the job itself).
+WRITTEN_BY_THE_JOB = ("resolved",)
 
 
 def _may_change(key: str) -> bool:
@@ -68,6 +70,8 @@ def check_config(config, workdir: str) -> None:
     step, saved = checkpoint.read_config(workdir, step, choice)
     refused, allowed = [], []
     for key, was, now in files.changed_settings(saved, files.as_json(config.to_dict())):
+        if key.split(".", 1)[0] in WRITTEN_BY_THE_JOB:
+            continue
         one_sided = was is files.UNSET or now is files.UNSET
         (allowed if one_sided or _may_change(key) else refused).append(
             files.describe_change(key, was, now)
