@@ -16,12 +16,3 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import this_checkout  # noqa: E402
 
 this_checkout.use()  # the checkout as the `visual_tokenizers` package
-
-# The parity tests' vector-quantize-pytorch imports torch.compiler, which loads triton (bundled
-# with the CUDA build of torch). Loaded for the first time after XLA has compiled many programs
-# in this process, triton's extension crashed the interpreter (a segfault seen when the test
-# files ran in another order); loaded here, before any test, it does not.
-try:
-    import vector_quantize_pytorch  # noqa: E402, F401
-except ImportError:  # the parity tests that need it skip or fail on their own
-    pass
