@@ -4,10 +4,18 @@ Differences from torchvision's InceptionV3, all reproduced here: 1008 output cla
 Mixed_5b-d, 6b-e and 7b the pool branch averages without counting the zero padding; in Mixed_7c
 the pool branch is a 3x3 max-pool. Every conv is conv (no bias) + BatchNorm (eps 1e-3) + ReLU.
 
-`preprocess` turns uint8 NHWC images of any size into the network input exactly as pytorch-fid
-does: [0, 1], bilinear resize to 299x299 (align_corners=False, no antialiasing), then 2x - 1.
-`FIDInception(x)` returns the 2048-d pool3 features (FID, precision/recall) and the 1008 logits
-(Inception Score). Weights come from pytorch-fid's file via `load_fid_inception`.
+Two feature pipelines feed the same network (`PIPELINES`, chosen with `preprocess(images,
+pipeline)`); they differ only in how uint8 images become the 299x299 input:
+- "adm": the ADM evaluator (guided-diffusion evaluations/evaluator.py) and the original TF FID,
+  i.e. the 2015 TF graph's own ResizeBilinear (TF1, align_corners=False, no half-pixel centres)
+  on [0, 255], then (x - 128) / 128. torch-fidelity's FeatureExtractorInceptionV3 reimplements
+  exactly this; ADM reference batches (mu, sigma, mu_s, sigma_s) were made with it.
+- "pytorch_fid": pytorch-fid's: [0, 1], torch bilinear (half-pixel centres, no antialias), 2x - 1.
+
+`FIDInception(x)` returns 'pool' (2048-d pool3: FID, precision/recall, KID), 'logits' (1008,
+pool3 @ W without the fc bias, as the original IS code, ADM and torch-fidelity's
+`logits_unbiased` compute them: Inception Score) and 'spatial' (ADM's sFID features).
+Weights come from pytorch-fid's file via `load_fid_inception`.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import numpy as np
 from flax import nnx
 
 from visual_tokenizers.core import weights as weights_lib
+from visual_tokenizers.core.errors import ConfigError
 
+PIPELINES = ("adm", "pytorch_fid")
 INPUT_SIZE = 299
 BN_EPS = 1e-3
 # FID must not depend on an accelerator's default reduced-precision matmuls.
@@ -51,13 +61,49 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def preprocess(images_uint8) -> jax.Array:
-    """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] in [-1, 1], as pytorch-fid prepares input."""
-    x = jnp.asarray(images_uint8, jnp.float32) / 255.0
-    rows = bilinear_matrix(x.shape[1], INPUT_SIZE)
-    cols = bilinear_matrix(x.shape[2], INPUT_SIZE)
-    x = jnp.einsum("ih,bhwc,jw->bijc", rows, x, cols, precision=PRECISION)
-    return 2.0 * x - 1.0
+@functools.cache
+def tf1_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False).
+
+    Source coordinate i * (in / out), no half-pixel offset, computed in float32 as TF1 does
+    (tensorflow/core/kernels/resize_bilinear_op.cc, LegacyScaler; image_resizer_state.h,
+    CalculateResizeScale: float(in) / out); lower neighbour floor, upper clamped to the last
+    pixel; torch-fidelity's interpolate_bilinear_2d_like_tensorflow1x does the same. An input
+    already 299 wide maps each pixel to itself (scale 1): the graph resizes anyway, a no-op.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.arange(out_size, dtype=np.float32) * scale).astype(np.float32)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = (src - lo).astype(np.float32)
+    matrix = np.zeros((out_size, in_size), np.float32)
+    np.add.at(matrix, (np.arange(out_size), lo), np.float32(1) - frac)
+    np.add.at(matrix, (np.arange(out_size), hi), frac)
+    return matrix
+
+
+def _resize(x, matrix_fn):
+    rows = matrix_fn(x.shape[1], INPUT_SIZE)
+    cols = matrix_fn(x.shape[2], INPUT_SIZE)
+    return jnp.einsum("ih,bhwc,jw->bijc", rows, x, cols, precision=PRECISION)
+
+
+def preprocess(images_uint8, pipeline: str = "pytorch_fid") -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3], the network input of `pipeline`.
+
+    "pytorch_fid": [0, 1], torch bilinear, then 2x - 1 (pytorch-fid's InceptionV3.forward).
+    "adm": float32 [0, 255] (ADM's evaluator feeds batch.astype(np.float32) to the graph's
+    ExpandDims:0), TF1 bilinear, then (x - 128) / 128 (the graph's Sub 128 and Mul 1/128, exact
+    in float32; torch-fidelity writes (x - 128) / 128). Neither clamps: bilinear weights are
+    convex, so values stay in range.
+    """
+    if pipeline == "pytorch_fid":
+        x = _resize(jnp.asarray(images_uint8, jnp.float32) / 255.0, bilinear_matrix)
+        return 2.0 * x - 1.0
+    if pipeline == "adm":
+        x = _resize(jnp.asarray(images_uint8, jnp.float32), tf1_bilinear_matrix)
+        return (x - 128.0) / 128.0
+    raise ConfigError(f"unknown Inception feature pipeline {pipeline!r}; use one of {PIPELINES}")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -231,10 +277,25 @@ class InceptionE(nnx.Module):
 
 NUM_CLASSES = 1008
 POOL_DIM = 2048
+# ADM's sFID features (guided-diffusion evaluations/evaluator.py): the graph tensor
+# FID_SPATIAL_NAME = "mixed_6/conv:0", sliced `spatial[..., :7]`, reshaped [N, -1] in TF's NHWC
+# order: [17, 17, 7] -> 2023. Which layer that is:
+# - the TF graph names its blocks mixed, mixed_1, ..., mixed_10 = Mixed_5b, 5c, 5d, 6a, 6b, 6c,
+#   6d, 6e, 7a, 7b, 7c; torch-fidelity's utils/util_convert_inception_weights.py maps
+#   "mixed_6/conv/conv2d_params" and "mixed_6/conv/batchnorm" to Mixed_6d.branch1x1 (the 1x1
+#   branch, concatenated first: the block output's first 192 channels are that branch).
+# - After BN and ReLU: in that graph the scope mixed_6/conv holds conv2d_params, Conv2D and
+#   batchnorm/* (graph dumps that read gname + "/Conv2D", gname + "/batchnorm/gamma"), so the op
+#   named mixed_6/conv itself is the layer's last op, the ReLU that feeds the concat. This is
+#   read from the graph's naming, not from running the graph (no TF here); a direct check:
+#   every entry of an ADM reference batch's mu_s is >= 0 after a ReLU.
+SPATIAL_BLOCK = "6d"
+SPATIAL_CHANNELS = 7
 
 
 class FIDInception(nnx.Module):
-    """299x299 input in [-1, 1] -> {'pool': [B, 2048], 'logits': [B, 1008]}."""
+    """299x299 input (see `preprocess`) -> {'pool': [B, 2048], 'logits': [B, 1008] (unbiased),
+    'spatial': [B, 2023] (ADM's sFID features)}."""
 
     def __init__(self):
         self.Conv2d_1a_3x3 = BasicConv(3, 32, 3, stride=2)
@@ -253,8 +314,9 @@ class FIDInception(nnx.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, max_pool_branch=False)
         self.Mixed_7c = InceptionE(2048, max_pool_branch=True)
+        # Only the fc weight: the original IS code, ADM and torch-fidelity use pool3 @ W; the
+        # file's fc.bias is never read.
         self.fc_kernel = nnx.Param(jnp.zeros((POOL_DIM, NUM_CLASSES), jnp.float32))
-        self.fc_bias = nnx.Param(jnp.zeros((NUM_CLASSES,), jnp.float32))
 
     def __call__(self, x) -> dict:
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -262,9 +324,11 @@ class FIDInception(nnx.Module):
         x = max_pool(x)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
+            if name == SPATIAL_BLOCK:  # First channels of the block = its branch1x1 (see above).
+                spatial = x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
         pool = x.mean(axis=(1, 2))
-        logits = jnp.dot(pool, self.fc_kernel[...], precision=PRECISION) + self.fc_bias[...]
-        return {"pool": pool, "logits": logits}
+        logits = jnp.dot(pool, self.fc_kernel[...], precision=PRECISION)
+        return {"pool": pool, "logits": logits, "spatial": spatial}
 
 
 def from_torch_state(state: dict, what: str = "FID Inception weights") -> FIDInception:
@@ -279,9 +343,6 @@ def from_torch_state(state: dict, what: str = "FID Inception weights") -> FIDInc
                 values[(*path, key)] = jnp.asarray(value, jnp.float32)
     fc_w = weights_lib.require(state, "fc.weight", (NUM_CLASSES, POOL_DIM), what)
     values[("fc_kernel",)] = jnp.asarray(fc_w.T, jnp.float32)
-    values[("fc_bias",)] = jnp.asarray(
-        weights_lib.require(state, "fc.bias", (NUM_CLASSES,), what), jnp.float32
-    )
     flat = abstract.flat_state()
     missing = [p for p, _ in flat if tuple(p) not in values]
     if missing:

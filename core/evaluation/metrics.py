@@ -4,7 +4,10 @@
 - Fréchet distance between Gaussians of features (pytorch-fid's `calculate_frechet_distance`:
   float64, scipy sqrtm, eps on the diagonals when the product is singular, real part when the
   imaginary residue is small). FID is this distance on FID-Inception pool3 features.
-- Inception Score over splits, and k-NN precision/recall, as in the ADM evaluator.
+- Inception Score over splits (ADM's fixed split size; torch-fidelity's equal splits), and
+  k-NN precision/recall, as in the ADM evaluator. KID (kid.py) as torch-fidelity computes it.
+- sFID: the same Fréchet distance on gaussian_stats of ADM's spatial features (FIDInception's
+  'spatial'); ADM reference batches carry them as `mu_s`, `sigma_s`.
 - `ShardedApply`: a network applied jitted to batches sharded over the mesh's batch axes,
   with host batches padded to a multiple of the batch parallelism.
 - Reference statistics as npz files (`mu`, `sigma`; ADM reference batches also hold `arr_0`),
@@ -29,6 +32,7 @@ from scipy import linalg
 
 from visual_tokenizers.core import files
 from visual_tokenizers.core.data.decoding import DataError
+from visual_tokenizers.core.evaluation.kid import kid  # noqa: F401
 from visual_tokenizers.core.evaluation.npz_images import NpzImages, pad_batch  # noqa: F401
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens.layout import Vocab, join_groups
@@ -127,18 +131,45 @@ def frechet_distance_of(features_a, features_b) -> float:
 # ----------------------------------------------------------------------------- IS, precision/recall
 
 
-def inception_score(logits, split_size: int = 5000) -> float:
-    """Mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))), softmax in float64 (ADM)."""
+def _log_softmax(logits) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    scores = []
-    for start in range(0, len(probs), split_size):
-        part = probs[start : start + split_size]
-        marginal = part.mean(0, keepdims=True)
-        kl = np.sum(part * (np.log(part) - np.log(marginal)), axis=1)
-        scores.append(np.exp(kl.mean()))
-    return float(np.mean(scores))
+    shifted = logits - logits.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+
+def _split_score(log_p: np.ndarray) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) of one split; log-softmax keeps p = 0 terms at 0, not NaN."""
+    p = np.exp(log_p)
+    log_marginal = np.log(p.mean(0, keepdims=True))
+    return float(np.exp(np.sum(p * (log_p - log_marginal), axis=1).mean()))
+
+
+def inception_score(logits, split_size: int = 5000) -> float:
+    """ADM's Inception Score: the mean over consecutive splits of `split_size` (the last one may
+    be shorter) of exp(E_x KL(p(y|x) || p(y))), no shuffling, softmax in float64 (ADM: float32).
+
+    Feed the unbiased logits (pool3 @ W, FIDInception's 'logits') as ADM, the original IS code
+    and torch-fidelity do; the published protocol is 50,000 samples in 10 splits of 5,000.
+    """
+    log_p = _log_softmax(logits)
+    return float(
+        np.mean([_split_score(log_p[i : i + split_size]) for i in range(0, len(log_p), split_size)])
+    )
+
+
+def inception_score_equal_splits(
+    logits, splits: int = 10, shuffle_seed: int | None = 2020
+) -> tuple[float, float]:
+    """torch-fidelity's Inception Score (metric_isc.py): (mean, std) over `splits` near-equal
+    splits (boundaries i * N // splits) of the samples, permuted first with numpy
+    RandomState(shuffle_seed) (torch-fidelity's default: samples_shuffle=True, rng_seed=2020;
+    None keeps the order). With N = 10 x 5,000 and no shuffle the mean equals ADM's score."""
+    log_p = _log_softmax(logits)
+    if shuffle_seed is not None:
+        log_p = log_p[np.random.RandomState(shuffle_seed).permutation(len(log_p))]
+    n = len(log_p)
+    scores = [_split_score(log_p[i * n // splits : (i + 1) * n // splits]) for i in range(splits)]
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 @jax.jit
