@@ -65,11 +65,13 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 def tf1_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out, in] weights of TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False).
 
-    Source coordinate i * (in / out), no half-pixel offset, computed in float32 as TF1 does
-    (tensorflow/core/kernels/resize_bilinear_op.cc, LegacyScaler; image_resizer_state.h,
-    CalculateResizeScale: float(in) / out); lower neighbour floor, upper clamped to the last
-    pixel; torch-fidelity's interpolate_bilinear_2d_like_tensorflow1x does the same. An input
-    already 299 wide maps each pixel to itself (scale 1): the graph resizes anyway, a no-op.
+    TensorFlow's kernel (tensorflow/core/kernels/resize_bilinear_op.cc,
+    compute_interpolation_weights with LegacyScaler; scale from image_resizer_state.h,
+    CalculateResizeScale = float(in) / out): source in = float32(i) * scale, no half-pixel
+    offset; lower = floor(in), upper = min(ceil(in), in - 1), lerp = in - floor(in). Here upper
+    is lower + 1 (clamped), which gives the same weights (lerp is 0 when in is whole), as
+    torch-fidelity's interpolate_bilinear_2d_like_tensorflow1x does. An input already 299 wide
+    maps each pixel to itself (scale 1): the graph resizes anyway, a no-op.
     """
     scale = np.float32(in_size) / np.float32(out_size)
     src = (np.arange(out_size, dtype=np.float32) * scale).astype(np.float32)
