@@ -55,7 +55,10 @@ class UnsafePickleError(UserError, pickle.UnpicklingError):
 
 @dataclasses.dataclass(frozen=True)
 class WeightFile:
-    """A published weights file: cache file name, canonical URL and sha256 of its bytes."""
+    """A published weights file: cache file name, canonical URL and sha256 of its bytes.
+
+    sha256 "" = none is published: the file is used unchecked (its loader checks every tensor's
+    name and shape) and its digest is logged, so a run's weights can still be identified."""
 
     name: str
     url: str
@@ -84,6 +87,14 @@ LPIPS_VGG = WeightFile(
     package_copy=("lpips", os.path.join("weights", "v0.1", "vgg.pth")),
 )
 
+# DINOv2 ViT-L/14 without registers (facebookresearch/dinov2 `dinov2_vitl14`), the FD-DINOv2
+# network; about 1.2 GB. Meta publishes no checksum (torch.hub loads it unchecked).
+DINOV2_VITL14 = WeightFile(
+    "dinov2_vitl14_pretrain.pth",
+    "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+    "",
+)
+
 
 def cache_dir() -> str:
     return os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
@@ -107,7 +118,9 @@ def fetch(weights: WeightFile, path: str | None = None) -> str:
         if not os.path.isfile(path):
             raise WeightsUnavailable(f"{weights.name}: no file at the configured path {path!r}")
         digest = sha256_of(path)
-        if digest != weights.sha256:
+        if not weights.sha256:
+            logging.info("%s: %s has sha256 %s (none is published)", weights.name, path, digest)
+        elif digest != weights.sha256:
             logging.warning(
                 "%s has sha256 %s, not the published %s (%s): results will not be comparable "
                 "to numbers measured with the standard weights",
@@ -129,7 +142,9 @@ def fetch(weights: WeightFile, path: str | None = None) -> str:
 
 def _check(path: str, weights: WeightFile) -> None:
     digest = sha256_of(path)
-    if digest != weights.sha256:
+    if not weights.sha256:
+        logging.info("%s: %s has sha256 %s (none is published)", weights.name, path, digest)
+    elif digest != weights.sha256:
         raise WeightsUnavailable(
             f"{path} has sha256 {digest}, expected {weights.sha256}: the file is corrupt or not "
             f"{weights.name}. Delete it and download it again from {weights.url}"
