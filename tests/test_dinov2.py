@@ -72,10 +72,13 @@ def _features(net, x):
 
 
 def _close(ours, theirs):
-    """max |ours - theirs| < 1e-4 x the largest |value| (random features are of order one)."""
+    """max |ours - theirs| < 2e-5 x the largest |value| (random features are of order one).
+
+    Measured on CPU: 2e-7. Tighter than 1e-4 so that tanh-GELU instead of torch's exact GELU
+    (a 1e-4-relative change here) fails."""
     scale = np.abs(theirs).max()
     assert scale > 0.1
-    return np.abs(ours - theirs).max() < 1e-4 * scale
+    return np.abs(ours - theirs).max() < 2e-5 * scale
 
 
 def test_timm_resampling_matches_timm(reference):
