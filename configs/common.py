@@ -112,6 +112,9 @@ def tokenizer_base() -> ConfigDict:
                 fid_every=0,
                 fid_num_examples=10_000,
                 fid_inception_weights="",  # '' = $TOKENIZERS_CACHE (see core/weights.py)
+                # Inception input pipelines (models/inception.py) of the rFID, each logged as
+                # eval/rfid_<pipeline>: 'adm' (ADM tables), 'pytorch_fid' (pytorch-fid papers).
+                fid_pipelines=("adm", "pytorch_fid"),
             ),
             # Pixel loss only; each config turns on its recipe (tokenizers/training.py LossConfig).
             loss=dict(

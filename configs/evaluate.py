@@ -1,5 +1,8 @@
-"""Evaluation: a trained tokenizer (rFID, PSNR, SSIM, LPIPS, codebook usage) or an ADM-format npz
-of generated samples (gFID, IS, precision, recall). See README "Evaluation protocol".
+"""Evaluation: a trained tokenizer (rFID, sFID, KID, PSNR, SSIM, LPIPS, codebook usage) or an
+ADM-format npz of generated samples (gFID, sFID, IS, precision, recall, KID; FD-DINOv2 on
+request). FID, sFID and KID are reported for each Inception pipeline in `pipelines`; IS and
+precision/recall on `adm` features (as ADM tables). One report: WORKDIR/report.md and
+metrics.json. See README "Evaluation protocol".
 
   python run.py --config=configs/evaluate.py:tokenizer --workdir=OUT \
       --config.tokenizer.workdir=runs/vq_b16
@@ -14,8 +17,11 @@ from ml_collections.config_dict import placeholder
 
 from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
-TOKENIZER_METRICS = ("fid", "psnr", "ssim", "lpips", "usage", "shapes")
-SAMPLE_METRICS = ("fid", "is", "pr", "shapes")
+TOKENIZER_METRICS = ("fid", "sfid", "kid", "fd_dinov2", "psnr", "ssim", "lpips", "usage", "shapes")
+SAMPLE_METRICS = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2", "shapes")
+# Inception input pipelines (models/inception.py): 'adm' = the ADM evaluator / TF FID (quote it
+# next to ADM tables), 'pytorch_fid' = pytorch-fid (quote it next to pytorch-fid numbers).
+PIPELINES = ("adm", "pytorch_fid")
 
 
 def get_config(arg=None):
@@ -24,7 +30,8 @@ def get_config(arg=None):
             job="evaluate",
             mode="tokenizer",  # 'tokenizer' or 'samples'
             seed=0,
-            metrics=("fid", "psnr", "ssim", "lpips", "usage"),
+            metrics=("fid", "sfid", "psnr", "ssim", "lpips", "usage"),
+            pipelines=PIPELINES,  # FID/sFID/KID per pipeline, computed in one pass
             # (a) A tokenizer training run (configs/common.py: which run).
             tokenizer=dict(workdir="", step=-1, use_ema=placeholder(bool)),
             # Images to reconstruct; '' / 0 take the tokenizer run's eval data, split and size.
@@ -41,8 +48,13 @@ def get_config(arg=None):
             ),
             pr_k=3,  # precision/recall neighbourhood (ADM)
             is_split_size=5000,  # Inception Score split size (ADM)
-            # Explicit weight files ('' = cache / checked download, see core/weights.py).
-            weights=dict(inception="", vgg16="", lpips=""),
+            # KID (torch-fidelity's defaults): the mean and std of the unbiased polynomial-kernel
+            # MMD over `subsets` random subsets of `subset_size` images of each side. Fewer
+            # images than subset_size on either side is refused (as torch-fidelity does).
+            kid=dict(subsets=100, subset_size=1000),
+            # Explicit weight files ('' = cache / checked download, see core/weights.py);
+            # dinov2 only for metric 'fd_dinov2' (DINOv2 ViT-L/14).
+            weights=dict(inception="", vgg16="", lpips="", dinov2=""),
             # Shapes classifier workdir ('' = WORKDIR/shapes_classifier), trained there on first
             # use with configs/shapes_classifier.py:<classifier_variant>; samples' shapes_fd is
             # measured against the test split of `reference` (builtin:shapes or shapes_plain).
@@ -55,7 +67,7 @@ def get_config(arg=None):
         pass
     elif arg == "samples":
         config.mode = "samples"
-        config.metrics = SAMPLE_METRICS[:3]
+        config.metrics = ("fid", "sfid", "is", "pr", "kid")
     elif arg == "tiny":
         # CPU-sized and offline: the tiny tokenizer's builtin:shapes data, no Inception or VGG.
         config.metrics = ("psnr", "ssim", "usage", "shapes")

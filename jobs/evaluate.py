@@ -1,13 +1,20 @@
 """Evaluate a tokenizer checkpoint or a set of generated samples; see README "Evaluation protocol".
 
 config.mode = 'tokenizer': reconstruct a data split with a train_tokenizer run's checkpoint ->
-  rfid, psnr, ssim, lpips, codebook_usage/perplexity (+ shapes_accuracy, shapes_fd).
-config.mode = 'samples': an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels) -> gfid,
-  inception_score, precision, recall (+ shapes_accuracy, shapes_fd) against a reference npz (mu,
-  sigma and/or arr_0 images) or the cached statistics of a data source.
-Results go to WORKDIR/metrics.json (strict JSON: a number that is not finite is null) and the
-console. The networks (FID Inception, LPIPS, shapes classifier) run jitted with the batch sharded
-over the mesh (core.evaluation.metrics.ShardedApply).
+  rfid_<pipeline>, sfid_<pipeline>, kid_<pipeline>, psnr, ssim, lpips, codebook_usage/perplexity
+  (+ fd_dinov2, shapes_accuracy, shapes_fd).
+config.mode = 'samples': an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels) -> gfid_<pipeline>,
+  sfid_<pipeline>, kid_<pipeline>, inception_score, precision, recall (+ fd_dinov2, shapes_*)
+  against a reference npz (statistics and/or arr_0 images: an ADM reference batch, or one from
+  jobs/reference_batch.py) or the cached statistics of a data source.
+Each image batch is decoded once and goes through both Inception pipelines (config.pipelines);
+rFID and gFID are the same code (core/evaluation/scores.py). IS and precision/recall use the
+`adm` features (ADM tables). A reference is only compared in the pipeline its statistics were
+made with, and one of another image size is refused (core/evaluation/reference.py).
+Results go to WORKDIR/metrics.json (strict JSON: a number that is not finite is null; the
+`pipeline_of` entry names the features behind every number), WORKDIR/report.md (one table,
+both pipelines side by side, with the sample count and the reference) and the console. The
+networks run jitted with the batch sharded over the mesh (core.evaluation.metrics.ShardedApply).
 
 The shapes signals (`shapes_accuracy`, `shapes_fd`; metric 'shapes') come from a classifier of
 the 10 classes of builtin:shapes and builtin:shapes_plain, so they mean nothing on other images
@@ -22,7 +29,8 @@ metrics.json say why.
 
 Degenerate inputs are refused with a DataError naming the file or data and the fix: an empty or
 malformed samples file (core/evaluation/npz_images.py), labels that do not match the images, and
-fewer images than a statistic needs (FID and shapes_fd: 2, precision/recall: more than pr_k).
+fewer images than a statistic needs (FID, sFID, FD-DINOv2 and shapes_fd: 2, precision/recall:
+more than pr_k, KID: kid.subset_size on each side).
 """
 
 from __future__ import annotations
@@ -36,17 +44,14 @@ import jax
 import numpy as np
 
 from visual_tokenizers.configs import shapes_classifier
-from visual_tokenizers.configs.evaluate import SAMPLE_METRICS, TOKENIZER_METRICS
+from visual_tokenizers.configs.evaluate import PIPELINES, SAMPLE_METRICS, TOKENIZER_METRICS
 from visual_tokenizers.core import files
 from visual_tokenizers.core.data import pipeline as data
 from visual_tokenizers.core.data.builtin import SHAPE_CLASSES
 from visual_tokenizers.core.errors import ConfigError
-from visual_tokenizers.core.evaluation import metrics
-from visual_tokenizers.core.evaluation.reference import (
-    FidReference,
-    progress,
-    source_outputs,
-)
+from visual_tokenizers.core.evaluation import metrics, scores
+from visual_tokenizers.core.evaluation import report as report_lib
+from visual_tokenizers.core.evaluation.reference import Reference, progress, source_outputs
 from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.trained import evaluation
@@ -72,6 +77,16 @@ def validate(config) -> None:
     for key in ("num_examples", "pr_k", "is_split_size"):
         if config[key] < 1:
             raise ConfigError(f"config.{key}={config[key]} must be at least 1")
+    pipelines = tuple(config.pipelines)
+    if not pipelines or len(set(pipelines)) < len(pipelines) or set(pipelines) - set(PIPELINES):
+        raise ConfigError(
+            f"config.pipelines={pipelines!r}: give one or both of {PIPELINES}, once each"
+        )
+    if config.kid.subset_size < 2 or config.kid.subsets < 1:
+        raise ConfigError(
+            f"config.kid: subset_size={config.kid.subset_size} must be at least 2 (an unbiased "
+            f"MMD needs two images per side) and subsets={config.kid.subsets} at least 1"
+        )
 
 
 def run(config, workdir: str) -> dict:
@@ -107,16 +122,13 @@ def shapes_apply(config, workdir: str, mesh) -> metrics.ShardedApply:
 
 SHAPES_SOURCES = ("builtin:shapes", "builtin:shapes_plain")  # the shapes classifier's images
 SAMPLES_RECORD = "samples.json"  # what jobs/sample.py writes next to its samples.npz
+REPORT = "report.md"
 
 
 def check_count(n: int, wanted: set, config, what: str) -> None:
     """Raises a DataError when `n` images are too few for a statistic in `wanted`."""
-    need = {
-        "fid": ("FID", 2),  # a covariance needs two points
-        "shapes": ("shapes_fd", 2),
-        "pr": (f"precision/recall with pr_k={config.pr_k}", config.pr_k + 1),
-        "is": ("the Inception Score", 1),
-    }
+    need = scores.minimum_counts(pr_k=config.pr_k, kid_subset_size=config.kid.subset_size)
+    need["shapes"] = ("shapes_fd", 2)
     short = [f"{name} needs at least {least}" for m, (name, least) in need.items()
              if m in wanted and n < least]  # fmt: skip
     if short:
@@ -194,26 +206,20 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
         _skip_shapes(results, skip)
         wanted.discard("shapes")
     check_count(config.num_examples, wanted, config, "config.num_examples")
-    fid = None
-    if "fid" in wanted:
-        fid = FidReference(
-            inception=evaluation.inception_apply(config.weights.inception, mesh),
-            source=(spec, split, size, config.num_examples, data_dir),
-            reference=config.reference.to_dict(),
-            batch_size=config.data.batch_size,
-            seed=config.seed,
-            need_pool=False,
-        )
+    spaces, reference = _features_and_reference(
+        config, mesh, wanted, source=(spec, split, size, config.num_examples, data_dir), size=size
+    )
+    from_originals = reference is not None and reference.from_originals
     nets = dict(
-        inception=fid.inception if fid else None,
-        originals=fid is not None and fid.stats is None,
+        spaces=spaces,
+        originals=from_originals and bool(reference.missing()),
         lpips=evaluation.lpips_apply(config.weights.vgg16, config.weights.lpips, mesh)
         if "lpips" in wanted
         else None,
         shapes=shapes_apply(config, workdir, mesh) if "shapes" in wanted else None,
     )
-    if fid is not None and fid.stats is None and not fid.from_originals:
-        fid.compute_from_source()
+    if reference is not None and reference.missing() and not from_originals:
+        reference.compute_from_source()
     step = None if config.tokenizer.step < 0 else config.tokenizer.step
     use_ema = ema_choice(config.tokenizer.use_ema)
     tok = TrainedTokenizer.from_workdir(config.tokenizer.workdir, step, use_ema, mesh)
@@ -239,17 +245,69 @@ def evaluate_tokenizer(config, workdir: str, mesh) -> dict:
     )
     check_count(len(out["psnr"]), wanted, config, where)
     results.update(data=f"{where} at {size}px", num_examples=len(out["psnr"]))
-    return {**results, **_measured(out, wanted, fid, nets["shapes"])}
+    if reference is not None and reference.missing():
+        reference.set_from_outputs(out["reference_features"])
+    return {**results, **_measured(config, out, wanted, reference, spaces, nets["shapes"])}
 
 
-def _measured(out: dict, wanted: set, fid, shapes) -> dict:
+def _features_and_reference(config, mesh, wanted: set, *, source, size):
+    """(the feature spaces the metrics in `wanted` use, their Reference or None)."""
+    pipelines = tuple(config.pipelines)
+    names = scores.spaces_used(wanted, pipelines)
+    spaces = evaluation.feature_spaces(
+        names,
+        mesh,
+        inception_path=config.weights.inception,
+        dinov2_path=config.weights.dinov2,
+    )
+    needs = scores.needs(wanted, pipelines)
+    if not needs:
+        return spaces, None
+    reference = Reference(
+        spaces,
+        needs,
+        source=source,
+        reference=config.reference.to_dict(),
+        image_size=size,
+        batch_size=config.data.batch_size
+        if config.mode == "tokenizer"
+        else config.samples.batch_size,
+        seed=config.seed,
+    )
+    return spaces, reference
+
+
+def _distribution_metrics(config, features: dict, wanted: set, reference, spaces, name) -> dict:
+    """FID/sFID/KID per pipeline, IS, precision/recall, FD-DINOv2 (scores.compare), with the
+    pipelines, the reference and the weights they came from."""
+    settings = dict(
+        fid_name=name,
+        pr_k=config.pr_k,
+        is_split_size=config.is_split_size,
+        kid_subsets=config.kid.subsets,
+        kid_subset_size=config.kid.subset_size,
+        seed=config.seed,
+    )
+    pipelines = tuple(config.pipelines)
+    results = scores.compare(reference, features, wanted, pipelines, settings)
+    if reference is not None:
+        results["reference"] = reference.describe()
+    for space in spaces:
+        key = "dinov2_sha256" if space.name == scores.DINOV2 else "inception_sha256"
+        results[key] = space.sha
+    results["pipelines"] = [p for p in pipelines if any(s.name == p for s in spaces)]
+    return results
+
+
+def _measured(config, out: dict, wanted: set, reference, spaces, shapes) -> dict:
     """The tokenizer-mode numbers from the reconstruction pass's outputs."""
     results = {key: float(np.mean(out[key])) for key in ("psnr", "ssim", "lpips") if key in out}
     results = {key: value for key, value in results.items() if key in wanted}
     if "usage" in wanted:
         results.update(out["codebook"])
-    if fid is not None:
-        results.update(fid.result(out, "rfid"))
+    if spaces:
+        features = out["features"]
+        results.update(_distribution_metrics(config, features, wanted, reference, spaces, "rfid"))
     if shapes is not None:
         results["shapes_accuracy"] = float(np.mean(out["shapes_correct"]))
         results["shapes_fd"] = metrics.frechet_distance_of(
@@ -274,40 +332,28 @@ def evaluate_samples(config, workdir: str, mesh) -> dict:
         logging.warning("evaluate: shapes_accuracy and shapes_fd unverified: %s", unverified)
         results["shapes_unverified"] = unverified
     check_count(reader.num_images, wanted, config, f"samples file {config.samples.path}")
-    inception = fid = None
-    if wanted & {"fid", "is", "pr"}:
-        inception, sha = evaluation.inception_apply(config.weights.inception, mesh)
-    if wanted & {"fid", "pr"}:
-        fid = FidReference(
-            inception=(inception, sha),
-            source=None,
-            reference=config.reference.to_dict(),
-            batch_size=config.samples.batch_size,
-            seed=config.seed,
-            need_pool="pr" in wanted,
-        )
-        if fid.stats is None:
-            fid.compute_from_source()
+    spaces, reference = _features_and_reference(
+        config, mesh, wanted, source=None, size=reader.image_size
+    )
+    if reference is not None and reference.missing():
+        reference.compute_from_source()
     shapes = shapes_apply(config, workdir, mesh) if "shapes" in wanted else None
     out = collections.defaultdict(list)
     size = config.samples.batch_size
     for images, count in progress(reader.batches(size), "samples", reader.num_batches(size)):
-        if inception is not None:
-            for key, value in inception.replicated(images).items():
-                out[key].append(value[:count])
+        for space in spaces:  # one read of each batch, every feature space
+            for key, value in space.apply.replicated(images).items():
+                out[f"{space.name}/{key}"].append(value[:count])
         if shapes is not None:
             for key, value in shapes.replicated(images).items():
                 out[f"shapes_{key}"].append(value[:count])
     out = {k: np.concatenate(v) for k, v in out.items()}
-    if inception is not None:
-        results["inception_sha256"] = sha
-    if "is" in wanted:
-        results["inception_score"] = metrics.inception_score(out["logits"], config.is_split_size)
-    if "fid" in wanted:
-        results.update(fid.result(out, "gfid"))
-    if "pr" in wanted:
-        precision, recall = metrics.precision_recall(fid.pool, out["pool"], k=config.pr_k)
-        results.update(precision=precision, recall=recall)
+    if spaces:
+        features = {}
+        for key in [k for k in out if "/" in k]:
+            name, kind = key.split("/")
+            features.setdefault(name, {})[kind] = out.pop(key)
+        results.update(_distribution_metrics(config, features, wanted, reference, spaces, "gfid"))
     if shapes is not None:
         results.update(shapes_of_samples(config, out, reader, shapes))
     return results
@@ -335,10 +381,14 @@ def shapes_of_samples(config, out: dict, reader, shapes) -> dict:
 
 
 def report(results: dict, workdir: str) -> None:
-    """WORKDIR/metrics.json (strict JSON, written atomically) plus one console line per number."""
+    """WORKDIR/metrics.json (strict JSON, written atomically), WORKDIR/report.md (the table of
+    both pipelines, the sample count and the reference) and the same report on the console."""
     if jax.process_index() != 0:
         return
     files.write_json(os.path.join(workdir, "metrics.json"), results, default=float, indent=2)
-    for key, value in results.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else value
-        logging.info("evaluate: %-20s %s", key, shown)
+    text = "\n".join(report_lib.lines(results))
+    with files.atomic_write(os.path.join(workdir, REPORT)) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    for line in text.splitlines():
+        if line:
+            logging.info("evaluate: %s", line)

@@ -51,7 +51,11 @@ def check_inputs(config, mesh, *, fresh: bool):
     if fresh and "teacher" in config:
         teacher.check_weights(config.teacher, warn=False)
     if config.eval.get("fid_every", 0):
-        evaluation.inception_apply(config.eval.get("fid_inception_weights", ""), mesh)
+        evaluation.feature_spaces(
+            tuple(config.eval.fid_pipelines),
+            mesh,
+            inception_path=config.eval.get("fid_inception_weights", ""),
+        )
     return perceptual_network(config)
 
 
@@ -116,14 +120,15 @@ def evaluate(config, state, eval_step, mesh, workdir, step, *, vocab):
 
 
 def _maybe_rfid(config, reconstruct, mesh, step) -> dict:
-    """{'rfid': ...} when config.eval.fid_every asks for it at this step, else {}."""
+    """{'rfid_<pipeline>': ...} when config.eval.fid_every asks for it at this step, else {}."""
     every = config.eval.get("fid_every", 0)
     if not every or (step % every and step < config.num_steps):
         return {}
     rfid = evaluation.training_rfid(config, reconstruct, mesh)
     num = config.eval.fid_num_examples
-    logging.info("eval at step %d: rFID %.3f on %d images", step, rfid, num)
-    return {"rfid": rfid}
+    shown = ", ".join(f"{k.removeprefix('rfid_')} {v:.3f}" for k, v in rfid.items())
+    logging.info("eval at step %d: rFID (per pipeline) %s on %d images", step, shown, num)
+    return rfid
 
 
 def run(config, workdir: str) -> dict:

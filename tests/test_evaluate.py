@@ -47,23 +47,32 @@ def offline_cache(tmp_path_factory):
 
 
 class StandInInception(nnx.Module):
-    """uint8 images -> {'pool': [B, 24], 'logits': [B, 10]}; fixed seeded random weights."""
+    """uint8 images -> {'pool': [B, 24], 'logits': [B, 10], 'spatial': [B, 12]}; fixed seeded
+    random weights. The pipelines differ in scaling and resize (as the real ones do), so a
+    number computed with the wrong pipeline shows."""
 
-    def __init__(self):
+    def __init__(self, pipeline="pytorch_fid"):
         rng = np.random.default_rng(0)
+        self.pipeline = pipeline
         self.w = nnx.Param(jnp.asarray(rng.normal(0, 0.3, (48, 24)), jnp.float32))
         self.v = nnx.Param(jnp.asarray(rng.normal(0, 1.0, (24, 10)), jnp.float32))
+        self.u = nnx.Param(jnp.asarray(rng.normal(0, 0.3, (48, 12)), jnp.float32))
 
     def __call__(self, images):
-        x = jax.image.resize(images.astype(jnp.float32) / 127.5 - 1, (len(images), 4, 4, 3), "area")
-        pool = jnp.tanh(x.reshape(len(images), -1) @ self.w[...])
-        return {"pool": pool, "logits": pool @ self.v[...]}
+        adm = self.pipeline == "adm"
+        x = images.astype(jnp.float32)
+        x = (x - 128) / 128 if adm else x / 127.5 - 1
+        x = jax.image.resize(x, (len(images), 4, 4, 3), "nearest" if adm else "area")
+        x = x.reshape(len(images), -1)
+        pool = jnp.tanh(x @ self.w[...])
+        return {"pool": pool, "logits": pool @ self.v[...], "spatial": jnp.tanh(x @ self.u[...])}
 
 
-def stand_in_inception_apply(path, mesh):
+def stand_in_inception_apply(path, mesh, pipeline="pytorch_fid"):
     """What evaluation.inception_apply returns, for the stand-in network."""
     assert path == "inception.pth"  # The configured weights path reaches the loader.
-    return metrics.ShardedApply(StandInInception(), lambda m, x: m(x), mesh), "stand-in"
+    net = StandInInception(pipeline)
+    return metrics.ShardedApply(net, lambda m, x: m(x), mesh), "stand-in"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,9 +82,9 @@ def stand_in_inception():
         yield
 
 
-def _features(images):
+def _features(images, pipeline="pytorch_fid"):
     """The stand-in's outputs computed directly (eagerly, unsharded)."""
-    return jax.tree.map(np.asarray, StandInInception()(jnp.asarray(images)))
+    return jax.tree.map(np.asarray, StandInInception(pipeline)(jnp.asarray(images)))
 
 
 @pytest.fixture(scope="module")
@@ -159,22 +168,28 @@ def tokenizer_run(tmp_path_factory):
 def test_tokenizer_training_reports_rfid(tokenizer_run, offline_cache):
     workdir, result = tokenizer_run
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    evals = {line["step"]: "eval/rfid" in line for line in lines if "eval/psnr" in line}
+    evals = {line["step"]: "eval/rfid_adm" in line for line in lines if "eval/psnr" in line}
     assert evals == {2: False}  # Every eval_every steps; rFID only every fid_every.
     finals = [line for line in lines if "final/psnr" in line]  # The last step's eval, once.
-    assert [(x["step"], "final/rfid" in x) for x in finals] == [(4, True)]
-    assert result["eval/rfid"] > 0
-    cached = os.listdir(os.path.join(offline_cache, "fid_stats"))
-    assert len(cached) == 1 and cached[0].startswith(f"builtin_shapes_test_32px_{N}-")
-    # The cached reference is the statistics of the held-out originals.
+    assert [(x["step"], "final/rfid_pytorch_fid" in x) for x in finals] == [(4, True)]
+    assert result["eval/rfid_adm"] > 0 and result["eval/rfid_pytorch_fid"] > 0
+    assert result["eval/rfid_adm"] != result["eval/rfid_pytorch_fid"]
+    cached = sorted(os.listdir(os.path.join(offline_cache, "fid_stats")))
+    assert [name.split("-")[0] for name in cached] == [
+        f"builtin_shapes_test_32px_{N}_{p}" for p in ("adm", "pytorch_fid")
+    ]
+    # Each cached reference holds the statistics of the held-out originals in its pipeline.
     originals, _ = _shapes("test", 0, N)
-    stats = np.load(os.path.join(offline_cache, "fid_stats", cached[0]))
-    np.testing.assert_allclose(stats["mu"], _features(originals)["pool"].mean(0), atol=1e-5)
+    for name, pipeline in zip(cached, ("adm", "pytorch_fid"), strict=True):
+        stats = np.load(os.path.join(offline_cache, "fid_stats", name))
+        assert str(stats["pipeline"]) == pipeline and int(stats["image_size"]) == 32
+        expected = _features(originals, pipeline)["pool"].mean(0)
+        np.testing.assert_allclose(stats["mu"], expected, atol=1e-5)
 
 
 def _tokenizer_config(tokenizer_workdir, classifier_workdir, vgg_file):
     config = evaluate_config.get_config("tiny")
-    config.metrics = ("fid", "psnr", "ssim", "lpips", "usage", "shapes")
+    config.metrics = ("fid", "sfid", "psnr", "ssim", "lpips", "usage", "shapes")
     config.tokenizer.workdir = tokenizer_workdir
     config.num_examples = N
     config.data.batch_size = N
@@ -183,13 +198,21 @@ def _tokenizer_config(tokenizer_workdir, classifier_workdir, vgg_file):
     return config
 
 
+def _same_as_saved(results, path):
+    saved = json.load(open(path))
+    assert saved.keys() == results.keys()
+    for key, value in results.items():
+        assert saved[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
 def test_evaluate_tokenizer(tokenizer_run, classifier, vgg_file, tmp_path):
     workdir, trained = tokenizer_run
     config = _tokenizer_config(workdir, classifier[0], vgg_file)
     results = evaluate.run(config, str(tmp_path))
-    assert json.load(open(tmp_path / "metrics.json")) == pytest.approx(results)
+    _same_as_saved(results, tmp_path / "metrics.json")
     # The trainer's final evaluation saw the same N images with the same networks.
-    for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity", "rfid"):
+    rfid = ("rfid_adm", "rfid_pytorch_fid")
+    for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity", *rfid):
         assert results[key] == pytest.approx(trained[f"eval/{key}"], rel=1e-5), key
     assert results["num_examples"] == N
     # Independently: reconstruct outside the job, then each metric from its definition.
@@ -197,10 +220,15 @@ def test_evaluate_tokenizer(tokenizer_run, classifier, vgg_file, tmp_path):
     originals, labels = _shapes("test", 0, N)
     model = tokenizer.model()
     recon = to_uint8(jax.jit(lambda x: model(x, train=False)[0])(to_model(originals)))
-    expected_fid = metrics.frechet_distance_of(
-        _features(recon)["pool"], _features(originals)["pool"]
-    )
-    assert results["rfid"] == pytest.approx(expected_fid, rel=1e-3)
+    for pipeline in ("adm", "pytorch_fid"):
+        ours, theirs = _features(recon, pipeline), _features(originals, pipeline)
+        expected = metrics.frechet_distance_of(ours["pool"], theirs["pool"])
+        assert results[f"rfid_{pipeline}"] == pytest.approx(expected, rel=1e-3)
+        expected = metrics.frechet_distance_of(ours["spatial"], theirs["spatial"])
+        assert results[f"sfid_{pipeline}"] == pytest.approx(expected, rel=1e-3)
+        assert results["pipeline_of"][f"sfid_{pipeline}"] == pipeline
+    report = (tmp_path / "report.md").read_text()
+    assert f"| rFID | {results['rfid_adm']:.4g} | {results['rfid_pytorch_fid']:.4g} |" in report
     mesh = mesh_lib.make_mesh(config.mesh)
     lpips_values = evaluation.lpips_apply(vgg_file, "", mesh)(
         originals, recon
@@ -220,11 +248,28 @@ def _write_samples(path, images, labels=None):
     return str(path)
 
 
+def _expected_per_pipeline(results, samples, reference, fid="gfid"):
+    """FID, sFID and KID of each pipeline, recomputed from the stand-in's features."""
+    for p in ("adm", "pytorch_fid"):
+        ours, theirs = _features(samples, p), _features(reference, p)
+        expected = metrics.frechet_distance_of(ours["pool"], theirs["pool"])
+        assert results[f"{fid}_{p}"] == pytest.approx(expected, rel=1e-4), p
+        expected = metrics.frechet_distance_of(ours["spatial"], theirs["spatial"])
+        assert results[f"sfid_{p}"] == pytest.approx(expected, rel=1e-4), p
+        if f"kid_{p}" in results:
+            expected = metrics.kid(ours["pool"], theirs["pool"], subset_size=8, seed=0)
+            assert (results[f"kid_{p}"], results[f"kid_{p}_std"]) == pytest.approx(expected)
+        assert results["pipeline_of"][f"{fid}_{p}"] == p
+    assert results["gfid_adm"] != pytest.approx(results["gfid_pytorch_fid"])
+
+
 def test_evaluate_samples(classifier, tmp_path):
     images, labels = _shapes("test", 0, N)
     reference, _ = _shapes("train", 0, 2 * N)
     config = evaluate_config.get_config("samples")
-    config.metrics = ("fid", "is", "pr", "shapes")
+    assert tuple(config.pipelines) == ("adm", "pytorch_fid")
+    config.metrics = ("fid", "sfid", "is", "pr", "kid", "shapes")
+    config.kid.subset_size = 8
     config.samples.update(
         path=_write_samples(tmp_path / "samples.npz", images, labels), batch_size=8
     )
@@ -236,24 +281,33 @@ def test_evaluate_samples(classifier, tmp_path):
     config.shapes.classifier_workdir = classifier[0]
     config.is_split_size = 5
     results = evaluate.run(config, str(tmp_path / "out"))
-    ours, theirs = _features(images), _features(reference)
-    expected = metrics.frechet_distance_of(ours["pool"], theirs["pool"])
-    assert results["gfid"] == pytest.approx(expected, rel=1e-4)
+    _expected_per_pipeline(results, images, reference)
+    # IS and precision/recall on the adm features (as ADM tables), and the report says so.
+    ours, theirs = _features(images, "adm"), _features(reference, "adm")
     expected = metrics.inception_score(ours["logits"], split_size=5)
     assert results["inception_score"] == pytest.approx(expected, rel=1e-4)
     expected = metrics.precision_recall(theirs["pool"], ours["pool"], k=3)
     assert (results["precision"], results["recall"]) == pytest.approx(expected, abs=1e-9)
+    assert results["pipeline_of"]["inception_score"] == results["pipeline_of"]["recall"] == "adm"
     assert results["num_samples"] == N and results["shapes_accuracy"] >= 0.9  # Real shapes.
     assert "shapes_unverified" not in results and "shapes_skipped" not in results
-    # Statistics given as mu/sigma give the same gFID; noise is far from the shapes.
-    metrics.save_stats(str(tmp_path / "stats.npz"), theirs["pool"])
+    _same_as_saved(results, tmp_path / "out" / "metrics.json")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| metric | `adm` | `pytorch_fid` |" in report and f"{N} images" in report
+    assert f"| Inception Score | {results['inception_score']:.4g} | - |" in report
+    assert os.path.abspath(config.reference.path) in report
+    # Statistics saved with their pipeline give the same gFID; noise is far from the shapes.
+    mu, sigma = metrics.gaussian_stats(_features(reference)["pool"])
+    path = str(tmp_path / "stats.npz")
+    metrics.save_stats(path, pipeline="pytorch_fid", image_size=32, mu=mu, sigma=sigma)
     config.reference.path = str(tmp_path / "stats.npz")
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
     config.samples.path = _write_samples(tmp_path / "noise.npz", noise)
-    config.metrics = ("fid", "shapes")
+    config.update(metrics=("fid", "shapes"), pipelines=("pytorch_fid",))
     again = evaluate.run(config, str(tmp_path / "out2"))
-    expected = metrics.frechet_distance_of(_features(noise)["pool"], theirs["pool"])
-    assert again["gfid"] == pytest.approx(expected, rel=1e-4)
+    expected = metrics.frechet_distance_of(_features(noise)["pool"], _features(reference)["pool"])
+    assert again["gfid_pytorch_fid"] == pytest.approx(expected, rel=1e-4)
+    assert "gfid_adm" not in again and again["pipelines"] == ["pytorch_fid"]
     assert again["shapes_fd"] > 2 * results["shapes_fd"] and "shapes_accuracy" not in again
     assert "nothing says what" in again["shapes_unverified"]  # a bare npz: computed as asked
 
@@ -261,17 +315,18 @@ def test_evaluate_samples(classifier, tmp_path):
 def test_samples_against_a_cached_data_source(tmp_path, offline_cache):
     images, _ = _shapes("test", 0, N)
     config = evaluate_config.get_config("samples")
-    config.metrics = ("fid", "pr")
+    config.metrics = ("fid", "sfid", "pr")
     config.samples.update(path=_write_samples(tmp_path / "s.npz", images), batch_size=8)
     config.reference.update(source="builtin:shapes", split="train", image_size=32, num_examples=N)
     config.weights.inception = "inception.pth"
     first = evaluate.run(config, str(tmp_path / "a"))
     reference, _ = _shapes("train", 0, N)  # Eval order: the first N images of the split.
-    expected = metrics.frechet_distance_of(_features(images)["pool"], _features(reference)["pool"])
-    assert first["gfid"] == pytest.approx(expected, rel=1e-4)
+    _expected_per_pipeline(first, images, reference)
     cache = [f for f in os.listdir(os.path.join(offline_cache, "fid_stats")) if "train" in f]
-    assert len(cache) == 1
-    assert evaluate.run(config, str(tmp_path / "b"))["gfid"] == pytest.approx(first["gfid"])
+    assert sorted(f.split("-")[0].rsplit("_", 1)[-1] for f in cache) == ["adm", "fid"]  # keyed
+    again = evaluate.run(config, str(tmp_path / "b"))
+    assert again["gfid_adm"] == pytest.approx(first["gfid_adm"])
+    assert again["reference"]["statistics"] == {p: "cached statistics" for p in config.pipelines}
 
 
 def test_configuration_mistakes_are_explained(tmp_path):

@@ -10,17 +10,14 @@
   'spatial'); ADM reference batches carry them as `mu_s`, `sigma_s`.
 - `ShardedApply`: a network applied jitted to batches sharded over the mesh's batch axes,
   with host batches padded to a multiple of the batch parallelism.
-- Reference statistics as npz files (`mu`, `sigma`; ADM reference batches also hold `arr_0`),
-  cached per data source; ADM-format sample files streamed batch by batch (npz_images.py).
+- Reference statistics as npz files that carry their pipeline (reference_files.py), cached per
+  data source; ADM-format sample files streamed batch by batch (npz_images.py).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
-import os
-import re
 
 import dm_pix
 import jax
@@ -30,10 +27,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from scipy import linalg
 
-from visual_tokenizers.core import files
 from visual_tokenizers.core.data.decoding import DataError
 from visual_tokenizers.core.evaluation.kid import kid  # noqa: F401
 from visual_tokenizers.core.evaluation.npz_images import NpzImages, pad_batch  # noqa: F401
+from visual_tokenizers.core.evaluation.reference_files import (  # noqa: F401
+    load_reference,
+    save_stats,
+    stats_cache_path,
+)
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens.layout import Vocab, join_groups
 
@@ -277,41 +278,3 @@ class ShardedApply:
         out = self._apply(*[batch[str(i)] for i in range(len(arrays))])
         out, mask = multihost_utils.process_allgather((out, batch["mask"]), tiled=True)
         return jax.tree.map(lambda x: np.asarray(x)[np.asarray(mask)], out)
-
-
-# ----------------------------------------------------------------------------- reference files
-
-
-def save_stats(path: str, features=None, *, mu=None, sigma=None, **extra) -> str:
-    """Writes an npz with `mu`, `sigma` (from features if given) and any extra arrays."""
-    if features is not None:
-        mu, sigma = gaussian_stats(features)
-    files.save_npz(path, mu=mu, sigma=sigma, **extra)  # a crash never leaves half an entry
-    return path
-
-
-def load_reference(path: str) -> dict:
-    """Statistics (`mu`, `sigma`, cached `pool` features) of a reference npz, and whether it
-    holds images (`arr_0`, as ADM reference batches do: stream them with NpzImages)."""
-    if not os.path.isfile(path):
-        raise DataError(f"reference file {path} does not exist; check config.reference.path")
-    with np.load(path) as f:
-        keys = sorted(f.files)
-        found = {k: f[k] for k in keys if k in ("mu", "sigma", "pool")}  # arr_0 stays on disk.
-    found["has_images"] = "arr_0" in keys
-    if not ("mu" in found and "sigma" in found) and not found["has_images"]:
-        raise DataError(
-            f"reference file {path} holds neither statistics (mu, sigma) nor images (arr_0): "
-            f"{keys}; save one with metrics.save_stats or use an ADM reference batch"
-        )
-    return found
-
-
-def stats_cache_path(spec: str, split: str, image_size: int, num: int, weights_sha: str) -> str:
-    """Where a data source's Inception statistics are cached (keyed by the weights used too)."""
-    from visual_tokenizers.core import weights  # Lazy: weights is only needed when FID is.
-
-    key = f"{spec}|{split}|{image_size}|{num}|{weights_sha}"
-    readable = re.sub(r"[^A-Za-z0-9]+", "_", f"{spec}_{split}_{image_size}px_{num}")[-80:]
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return os.path.join(weights.cache_dir(), "fid_stats", f"{readable}-{digest}.npz")
