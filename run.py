@@ -42,6 +42,7 @@ JOBS = {
     "train_maskgit": "visual_tokenizers.jobs.train_maskgit",
     "sample": "visual_tokenizers.jobs.sample",
     "demo": "visual_tokenizers.jobs.demo",
+    "reference_batch": "visual_tokenizers.jobs.reference_batch",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -9,6 +9,9 @@ plain variant; 0.61 when its shapes were rotated, 0.12 on builtin:shapes (README
 
   python run.py --config=configs/demo.py --workdir=runs/demo     # ~8 minutes on 2 CPU cores
   python run.py --config=configs/demo.py:test --workdir=DIR      # seconds per stage (tests)
+  python run.py --config=configs/demo.py --workdir=runs/demo --config.inception_metrics=True
+      # + FID/sFID/KID per Inception pipeline, IS, precision/recall (needs the FID Inception
+      # weights: downloaded once into $TOKENIZERS_CACHE, or --config.evaluate.weights.inception)
 
 Each stage is the sub-job's run() with the sub-config below (override any value, e.g.
 --config.maskgit.num_steps=3000); rerunning on the same workdir skips finished stages.
@@ -78,6 +81,10 @@ def get_config(arg=None):
     return ConfigDict(
         dict(
             job="demo",
+            # Also the Inception metrics of both pipelines (jobs/evaluate.py) on the samples
+            # (against real test images of DATA) and on the reconstructions. Off by default:
+            # the demo otherwise needs no download.
+            inception_metrics=False,
             tokenizer=tokenizer,
             export=export,
             maskgit=maskgit,

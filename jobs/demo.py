@@ -12,7 +12,10 @@ configs/demo.py, in WORKDIR/<dir>):
   evaluate    jobs/evaluate.py samples mode    eval/       (shapes_accuracy, shapes_fd)
               and tokenizer mode               eval_tokenizer/ (the same signals on
                                                            reconstructions: the ceiling)
-then WORKDIR/report.md. WORKDIR/stages.json records each finished stage with its settings,
+then WORKDIR/report.md. With config.inception_metrics the evaluate stage also measures FID,
+sFID and KID in both Inception pipelines (`adm`, `pytorch_fid`), IS and precision/recall, and
+the report shows them side by side with the gap between the two FIDs.
+WORKDIR/stages.json records each finished stage with its settings,
 result and time: a rerun skips finished stages (an interrupted one resumes through its job's
 own resume) and refuses settings that differ from the recorded ones.
 """
@@ -28,6 +31,7 @@ import ml_collections
 
 from visual_tokenizers.core import files
 from visual_tokenizers.core.errors import ConfigError
+from visual_tokenizers.core.evaluation import report as eval_report
 from visual_tokenizers.core.runtime import checkpoint
 
 STAGES_FILE = "stages.json"
@@ -122,6 +126,7 @@ def run(config, workdir: str, run_job=None) -> dict:
         "shapes_accuracy": gen["shapes_accuracy"],
         "shapes_fd": gen["shapes_fd"],
         "maskgit_loss": maskgit.get("loss"),
+        **{k: v for k, v in gen.items() if k.startswith(("gfid_", "sfid_", "kid_"))},
         "seconds": sum(s["seconds"] for s in stages.done.values()),
     }
 
@@ -162,6 +167,8 @@ def _evaluation_stage(config, where: dict, stages: Stages, run_job) -> dict:
     samples_eval.samples.path = os.path.join(where["samples"], "samples.npz")
     recon_eval = _copy(eval_cfg)
     recon_eval.tokenizer.workdir = where["tokenizer"]
+    if config.get("inception_metrics"):
+        _add_inception_metrics(config, samples_eval, recon_eval)
     settings = {"samples": samples_eval.to_dict(), "reconstructions": recon_eval.to_dict()}
     return stages.run(
         "evaluate",
@@ -171,6 +178,23 @@ def _evaluation_stage(config, where: dict, stages: Stages, run_job) -> dict:
             "reconstructions": run_job(recon_eval, where["eval_tokenizer"]),
         },
     )
+
+
+def _add_inception_metrics(config, samples_eval, recon_eval) -> None:
+    """FID/sFID/KID in both pipelines, IS and precision/recall: samples against as many real
+    test images of the demo's data, reconstructions against their originals."""
+    num = config.sample.num_samples
+    samples_eval.metrics = (*samples_eval.metrics, "fid", "sfid", "is", "pr", "kid")
+    data = config.tokenizer.data
+    samples_eval.reference.update(
+        source=data.source, split="test", image_size=data.image_size, num_examples=num
+    )
+    recon_eval.metrics = (*recon_eval.metrics, "fid", "sfid", "kid")
+    for evaluation in (samples_eval, recon_eval):
+        # KID subsets of at most the evaluated count (torch-fidelity's default is 1,000).
+        count = num if evaluation is samples_eval else evaluation.num_examples
+        evaluation.kid.subset_size = min(evaluation.kid.subset_size, count)
+        evaluation.is_split_size = min(evaluation.is_split_size, num)
 
 
 def _classifier(run_job, config, workdir: str) -> dict:
@@ -221,6 +245,7 @@ def write_report(workdir: str, where: dict, stages: Stages, config) -> str:
     lines += _tokens_section(workdir, where, done["tokens"]["result"], stats)
     lines += _generator_sections(workdir, done, samples_json, config)
     lines += _metrics_section(done, scores, samples_json, config)
+    lines += eval_report.sections(scores)  # empty unless config.inception_metrics
     path = os.path.join(workdir, REPORT)
     with open(path, "w") as f:
         f.write("\n".join(lines))

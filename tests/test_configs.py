@@ -68,6 +68,16 @@ def _check_evaluate_config(full, tiny):
         config.tokenizer.workdir = "some_run"
         evaluate.validate(config)
     assert set(tiny.metrics) <= {"psnr", "ssim", "usage", "shapes"}
+    assert tuple(full.pipelines) == ("adm", "pytorch_fid")
+
+
+def _check_reference_batch_config(full, tiny):
+    """The tiny variant runs offline on built-in data; both pass the job's checks."""
+    from visual_tokenizers.jobs import reference_batch
+
+    assert tiny.data.source.startswith("builtin:") and tiny.data.image_size <= 64
+    for config in (full, tiny):
+        reference_batch.validate(config)
 
 
 def _tokenizer_of(config):
@@ -139,6 +149,7 @@ JOB_CHECKS = {
     "train_maskgit": _check_maskgit_config,
     "sample": _check_sample_config,
     "demo": _check_demo_config,
+    "reference_batch": _check_reference_batch_config,
 }
 
 

@@ -78,3 +78,34 @@ def test_a_preempted_stage_is_not_recorded_and_the_demo_says_it_stopped(tmp_path
     assert calls == ["train_tokenizer", "export_tokens"]
     done = json.load(open(tmp_path / "stages.json"))
     assert list(done) == ["tokenizer"]  # a rerun resumes the export instead of skipping it
+
+
+def test_the_demo_can_report_both_inception_pipelines(tmp_path):
+    """config.inception_metrics: the evaluate stage's sub-configs ask for FID/sFID/KID in both
+    pipelines (valid for the evaluate job) and report.md shows them side by side with the gap."""
+    from visual_tokenizers.jobs import evaluate
+
+    config = demo_config.get_config("test")
+    assert not config.inception_metrics  # the default demo downloads nothing
+    config.inception_metrics = True
+    seen = {}
+
+    def run_job(sub, workdir):
+        seen[os.path.basename(workdir)] = sub
+        return {"step": 1}
+
+    demo._evaluation_stage(config, {k: str(tmp_path / k) for k in demo.STAGE_DIRS},
+                           demo.Stages(str(tmp_path)), run_job)  # fmt: skip
+    samples, recon = seen["eval"], seen["eval_tokenizer"]
+    assert {"fid", "sfid", "is", "pr", "kid"} <= set(samples.metrics)
+    assert samples.reference.source == demo_config.DATA and samples.kid.subset_size == 40
+    assert {"fid", "sfid", "kid"} <= set(recon.metrics) and tuple(recon.pipelines) == (
+        "adm", "pytorch_fid")  # fmt: skip
+    for sub in (samples, recon):
+        evaluate.validate(sub)
+    results = {"num_samples": 40, "pipelines": ["adm", "pytorch_fid"], "gfid_adm": 12.0,
+               "gfid_pytorch_fid": 10.0, "sfid_adm": 3.0, "sfid_pytorch_fid": 2.5,
+               "reference": {"name": "builtin:shapes_plain:test at 32px, 40 images"}}  # fmt: skip
+    report = "\n".join(demo.eval_report.sections({"samples": results}))
+    assert "| gFID | 12 | 10 |" in report and "| sFID | 3 | 2.5 |" in report
+    assert "differ by 2 (20.0% of the pytorch_fid value)" in report

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_weights
-from flax import nnx
+from stand_in_inception import features as _features
+from stand_in_inception import stand_in_inception_apply
 
 from visual_tokenizers.configs import evaluate as evaluate_config
 from visual_tokenizers.configs import shapes_classifier, vq_b16
@@ -46,45 +47,11 @@ def offline_cache(tmp_path_factory):
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
-class StandInInception(nnx.Module):
-    """uint8 images -> {'pool': [B, 24], 'logits': [B, 10], 'spatial': [B, 12]}; fixed seeded
-    random weights. The pipelines differ in scaling and resize (as the real ones do), so a
-    number computed with the wrong pipeline shows."""
-
-    def __init__(self, pipeline="pytorch_fid"):
-        rng = np.random.default_rng(0)
-        self.pipeline = pipeline
-        self.w = nnx.Param(jnp.asarray(rng.normal(0, 0.3, (48, 24)), jnp.float32))
-        self.v = nnx.Param(jnp.asarray(rng.normal(0, 1.0, (24, 10)), jnp.float32))
-        self.u = nnx.Param(jnp.asarray(rng.normal(0, 0.3, (48, 12)), jnp.float32))
-
-    def __call__(self, images):
-        adm = self.pipeline == "adm"
-        x = images.astype(jnp.float32)
-        x = (x - 128) / 128 if adm else x / 127.5 - 1
-        x = jax.image.resize(x, (len(images), 4, 4, 3), "nearest" if adm else "area")
-        x = x.reshape(len(images), -1)
-        pool = jnp.tanh(x @ self.w[...])
-        return {"pool": pool, "logits": pool @ self.v[...], "spatial": jnp.tanh(x @ self.u[...])}
-
-
-def stand_in_inception_apply(path, mesh, pipeline="pytorch_fid"):
-    """What evaluation.inception_apply returns, for the stand-in network."""
-    assert path == "inception.pth"  # The configured weights path reaches the loader.
-    net = StandInInception(pipeline)
-    return metrics.ShardedApply(net, lambda m, x: m(x), mesh), "stand-in"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def stand_in_inception():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation, "inception_apply", stand_in_inception_apply)
         yield
-
-
-def _features(images, pipeline="pytorch_fid"):
-    """The stand-in's outputs computed directly (eagerly, unsharded)."""
-    return jax.tree.map(np.asarray, StandInInception(pipeline)(jnp.asarray(images)))
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@
 The format of the ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) is
 `np.savez(path, images, labels)`: `arr_0` uint8 [N, H, W, 3] RGB, optionally `arr_1` integer
 class labels [N]. A file that breaks it is refused before any network runs, with a DataError
-naming the file, what it holds and the conversion that fixes it: no images, another dtype
-(float in [0, 1] or [-1, 1], wider integers), channels first, grey or RGBA images, and labels
-that are not one integer per image.
+naming the file, what it holds and the conversion that fixes it: no images, another dtype (the
+values of the first images say which range they are in: float in [0, 1], [-1, 1] or [0, 255],
+integers within or outside [0, 255]), channels first, grey or RGBA images, and labels that are
+not one integer per image.
 """
 
 from __future__ import annotations
@@ -23,13 +24,33 @@ _FLOAT_FIX = (
 )
 
 
-def _layout_fixes(shape: tuple, dtype: np.dtype) -> list[str]:
-    """What to change so that an array of `shape`/`dtype` becomes uint8 [N, H, W, 3]."""
+def _range_fix(dtype: np.dtype, value_range) -> str:
+    """The conversion to uint8 for values of `dtype` spanning `value_range` (None: unknown)."""
+    if value_range is None:
+        unknown = "check the values lie in [0, 255], then save x.astype(np.uint8)"
+        return _FLOAT_FIX if dtype.kind == "f" else unknown
+    lo, hi = value_range
+    seen = f"the first images span [{lo:.4g}, {hi:.4g}]"
+    if dtype.kind == "f" and lo >= 0 and hi <= 1:
+        return f"{seen}: from [0, 1] save np.clip(np.round(x * 255), 0, 255).astype(np.uint8)"
+    if dtype.kind == "f" and lo >= -1 and hi <= 1:
+        return (
+            f"{seen}: from [-1, 1] save np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)"
+        )
+    if lo >= 0 and hi <= 255:
+        return f"{seen}: values lie in [0, 255]: save np.round(x).astype(np.uint8)"
+    return (
+        f"{seen}, outside [0, 255]: rescale to [0, 255] (e.g. (x - x.min()) / (x.max() - "
+        "x.min()) * 255 for one image), then save np.round(x).astype(np.uint8)"
+    )
+
+
+def _layout_fixes(shape: tuple, dtype: np.dtype, value_range=None) -> list[str]:
+    """What to change so that an array of `shape`/`dtype` (whose first images span
+    `value_range`, if read) becomes uint8 [N, H, W, 3]."""
     fixes = []
-    if dtype.kind == "f":
-        fixes.append(_FLOAT_FIX)
-    elif dtype.kind in "iub" and dtype != np.uint8:
-        fixes.append("check the values lie in [0, 255], then save x.astype(np.uint8)")
+    if dtype.kind in "fiub" and dtype != np.uint8:
+        fixes.append(_range_fix(dtype, value_range))
     elif dtype != np.uint8:
         fixes.append("save the pixels as uint8")
     if len(shape) == 4 and shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4):
@@ -47,9 +68,9 @@ def _layout_fixes(shape: tuple, dtype: np.dtype) -> list[str]:
     return fixes
 
 
-def check_images(path: str, what: str, shape: tuple, dtype: np.dtype) -> None:
+def check_images(path: str, what: str, shape: tuple, dtype: np.dtype, value_range=None) -> None:
     """Raises a DataError unless arr_0 is a non-empty uint8 [N, H, W, 3] array."""
-    fixes = _layout_fixes(tuple(shape), np.dtype(dtype))
+    fixes = _layout_fixes(tuple(shape), np.dtype(dtype), value_range)
     if fixes:
         raise DataError(
             f"{what} {path}: arr_0 is {dtype} {tuple(shape)}, not uint8 NHWC RGB [N, H, W, 3] "
@@ -105,7 +126,8 @@ class NpzImages:
                 )
             with archive.open("arr_0.npy") as f:
                 shape, dtype, _ = _npy_header(f, path)
-            check_images(path, what, shape, dtype)
+                value_range = _first_values_range(f, shape, dtype)
+            check_images(path, what, shape, dtype, value_range)
             if labels and "arr_1.npy" in names:
                 with archive.open("arr_1.npy") as f:
                     found = np.load(f, allow_pickle=False)
@@ -140,6 +162,18 @@ def _npy_header(f, path: str) -> tuple:
     if fortran:
         raise DataError(f"{path}: arr_0 is Fortran-ordered; save np.ascontiguousarray(images)")
     return shape, dtype, version
+
+
+def _first_values_range(f, shape: tuple, dtype: np.dtype, limit: int = 1 << 22):
+    """(min, max) of the first values of a numeric non-uint8 array (at most `limit` bytes
+    read), to name the right conversion; None for uint8 or other dtypes."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8 or dtype.kind not in "fiub" or not shape or 0 in shape:
+        return None
+    count = min(int(np.prod(shape)), max(limit // dtype.itemsize, 1))
+    values = np.frombuffer(f.read(count * dtype.itemsize), dtype)
+    values = values[np.isfinite(values)] if dtype.kind == "f" else values
+    return (float(values.min()), float(values.max())) if len(values) else None
 
 
 def pad_batch(images: np.ndarray, size: int) -> np.ndarray:

@@ -83,3 +83,27 @@ def lines(results: dict, title: str = "# Evaluation report") -> list[str]:
         out += [f"| {k} | {fmt(v)} |" for k, v in rest.items()]
         out.append("")
     return out
+
+
+def sections(named: dict) -> list[str]:
+    """One section per {name: results} with Inception metrics (e.g. the demo's samples and
+    reconstructions): the pipelines table, the count, the reference, how far apart the two
+    FIDs are; empty when none has them."""
+    out = []
+    for name, results in named.items():
+        rows = table(results)
+        if not rows:
+            continue
+        fid = "rfid" if any(k.startswith("rfid_") for k in results) else "gfid"
+        a, b = results.get(f"{fid}_adm"), results.get(f"{fid}_pytorch_fid")
+        gap = ""
+        if isinstance(a, float) and isinstance(b, float):
+            gap = (
+                f" The two FIDs differ by {abs(a - b):.4g} "
+                f"({abs(a - b) / max(abs(b), 1e-12):.1%} of the pytorch_fid value)."
+            )
+        count = results.get("num_samples", results.get("num_examples"))
+        reference = results.get("reference", {}).get("name", "")
+        out += [f"## Inception metrics: {name}", "", *rows, ""]
+        out += [f"{count} images against {reference}.{gap} {QUOTE}", ""]
+    return out
