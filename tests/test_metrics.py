@@ -198,15 +198,22 @@ def test_npz_images_stream_in_padded_batches(tmp_path, compressed):
 
 def test_reference_files_and_cache_keys(tmp_path):
     x = np.random.default_rng(0).normal(size=(20, 4))
-    path = metrics.save_stats(str(tmp_path / "ref.npz"), x)
+    mu, sigma = metrics.gaussian_stats(x)
+    path = metrics.save_stats(str(tmp_path / "ref.npz"), pipeline="adm", mu=mu, sigma=sigma)
     found = metrics.load_reference(path)
-    np.testing.assert_allclose(found["mu"], x.mean(0))
-    np.testing.assert_allclose(found["sigma"], np.cov(x, rowvar=False))
-    assert not found["has_images"]
+    np.testing.assert_allclose(found["stats"]["mu"], x.mean(0))
+    np.testing.assert_allclose(found["stats"]["sigma"], np.cov(x, rowvar=False))
+    assert not found["has_images"] and found["pipeline"] == "adm"
     np.savez(str(tmp_path / "batch.npz"), np.zeros((2, 4, 4, 3), np.uint8))
-    assert metrics.load_reference(str(tmp_path / "batch.npz"))["has_images"]
+    batch = metrics.load_reference(str(tmp_path / "batch.npz"))
+    assert batch["has_images"] and batch["image_size"] == 4 and batch["pipeline"] is None
     np.savez(str(tmp_path / "bad.npz"), other=x)
     with pytest.raises(ValueError, match="neither statistics"):
         metrics.load_reference(str(tmp_path / "bad.npz"))
     key = ("tfds:imagenet2012", "validation", 256, 50_000)
-    assert metrics.stats_cache_path(*key, "a" * 64) != metrics.stats_cache_path(*key, "b" * 64)
+    assert metrics.stats_cache_path(*key, "a" * 64, "adm") != metrics.stats_cache_path(
+        *key, "b" * 64, "adm"
+    )
+    assert metrics.stats_cache_path(*key, "a" * 64, "adm") != metrics.stats_cache_path(
+        *key, "a" * 64, "pytorch_fid"
+    )
