@@ -286,7 +286,6 @@ def _distribution_metrics(config, features: dict, wanted: set, reference, spaces
         is_split_size=config.is_split_size,
         kid_subsets=config.kid.subsets,
         kid_subset_size=config.kid.subset_size,
-        seed=config.seed,
     )
     pipelines = tuple(config.pipelines)
     results = scores.compare(reference, features, wanted, pipelines, settings)

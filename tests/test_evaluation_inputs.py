@@ -69,7 +69,7 @@ def test_too_few_images_for_sfid_kid_and_fd_dinov2(tmp_path, no_networks, n, met
 
 def test_kid_refuses_a_reference_smaller_than_its_subsets():
     reference = types.SimpleNamespace(found={"adm": {"features": np.zeros((5, 4))}})
-    settings = dict(fid_name="gfid", kid_subsets=10, kid_subset_size=8, seed=0)
+    settings = dict(fid_name="gfid", kid_subsets=10, kid_subset_size=8)
     with pytest.raises(DataError, match=r"the reference has 5 images; lower --config.kid"):
         scores.compare(reference, {"adm": {"pool": np.zeros((9, 4))}}, {"kid"}, ("adm",), settings)
 

@@ -201,7 +201,7 @@ def training_rfid(config, reconstruct, mesh) -> dict:
     )
     if reference.missing():
         reference.set_from_outputs(out["reference_features"])
-    settings = dict(fid_name="rfid", pr_k=3, is_split_size=5000, kid_subsets=0, seed=config.seed)
+    settings = dict(fid_name="rfid")  # FID only: no other setting is read
     result = scores.compare(reference, out["features"], {"fid"}, pipelines, settings)
     result.pop("pipeline_of")  # the names say it: rfid_adm, rfid_pytorch_fid
     return result

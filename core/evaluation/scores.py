@@ -74,20 +74,15 @@ def _kid(reference: dict, samples, p: str, settings: dict) -> tuple[float, float
             f"the reference has {len(ref)} images; lower --config.kid.subset_size to at most "
             f"{len(ref)} or use a larger reference"
         )
-    return metrics.kid(
-        ref,
-        samples,
-        subsets=settings["kid_subsets"],
-        subset_size=size,
-        seed=settings["seed"],
-    )
+    # Evaluated images first, reference second, torch-fidelity's seed: its subsets exactly.
+    return metrics.kid(samples, ref, subsets=settings["kid_subsets"], subset_size=size)
 
 
 def compare(reference, out: dict, wanted: set, pipelines, settings: dict) -> dict:
     """Metrics of `out` ({space: {kind: features}}) against `reference.found`.
 
-    settings: fid_name ('rfid' or 'gfid'), pr_k, is_split_size, kid_subsets, kid_subset_size,
-    seed. Returns the numbers and `pipeline_of` (every number -> its feature space).
+    settings: fid_name ('rfid' or 'gfid'), pr_k, is_split_size, kid_subsets, kid_subset_size.
+    Returns the numbers and `pipeline_of` (every number -> its feature space).
     """
     results, pipeline_of = {}, {}
     main = single_pipeline(pipelines) if pipelines else None
