@@ -42,3 +42,10 @@ def stand_in_inception_apply(path, mesh, pipeline="pytorch_fid"):
 def features(images, pipeline="pytorch_fid"):
     """The stand-in's outputs computed directly (eagerly, unsharded)."""
     return jax.tree.map(np.asarray, StandInInception(pipeline)(jnp.asarray(images)))
+
+
+def stand_in_dinov2_apply(path, mesh):
+    """What evaluation.dinov2_apply returns, for a stand-in: 'cls' = twice the adm pool."""
+    assert path == "dinov2.pth"  # The configured weights path reaches the loader.
+    net = StandInInception("adm")
+    return metrics.ShardedApply(net, lambda m, x: {"cls": 2 * m(x)["pool"]}, mesh), "stand-in"

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from stand_in_inception import features, stand_in_inception_apply
+from stand_in_inception import features, stand_in_dinov2_apply, stand_in_inception_apply
 
 from visual_tokenizers import run as run_py
 from visual_tokenizers.configs import evaluate as evaluate_config
@@ -97,6 +97,23 @@ def test_evaluation_against_the_batch_uses_each_pipeline_correctly(batch, tmp_pa
     config.pipelines = ("adm",)
     alone = evaluate.run(config, str(tmp_path / "out3"))
     assert alone["gfid_adm"] == pytest.approx(results["gfid_adm"])
+
+
+def test_fd_dinov2_is_measured_in_its_own_space(batch, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "dinov2_apply", stand_in_dinov2_apply)
+    images = _shapes(40)[0][24:]
+    config = evaluate_config.get_config("samples")
+    config.metrics = ("fd_dinov2",)
+    config.samples.update(path=_samples(tmp_path, images), batch_size=8)
+    config.reference.path = batch[2]["path"]  # adm statistics: DINOv2 ones come from arr_0
+    config.weights.dinov2 = "dinov2.pth"
+    results = evaluate.run(config, str(tmp_path / "out"))
+    ours, theirs = (2 * features(x, "adm")["pool"] for x in (images, _shapes(24)[0]))
+    assert results["fd_dinov2"] == pytest.approx(metrics.frechet_distance_of(ours, theirs))
+    assert results["pipeline_of"] == {"fd_dinov2": "dinov2"} and "gfid_adm" not in results
+    assert (
+        "FD-DINOv2 (DINOv2 ViT-L/14 CLS features)" in (tmp_path / "out" / "report.md").read_text()
+    )
 
 
 def test_a_reference_of_another_resolution_is_refused(batch, tmp_path):
