@@ -52,7 +52,7 @@ def check_inputs(config, mesh, *, fresh: bool):
         teacher.check_weights(config.teacher, warn=False)
     if config.eval.get("fid_every", 0):
         evaluation.feature_spaces(
-            tuple(config.eval.fid_pipelines),
+            evaluation.fid_pipelines(config),
             mesh,
             inception_path=config.eval.get("fid_inception_weights", ""),
         )

@@ -174,6 +174,11 @@ def _measure(out, images, recon, mask, batch, spaces, originals, lpips, shapes) 
         out["shapes_reference"].append(shapes(images)["features"][mask])
 
 
+def fid_pipelines(config) -> tuple[str, ...]:
+    """The trainer's rFID pipelines; runs configured before pipelines existed measure both."""
+    return tuple(config.eval.get("fid_pipelines", inception_lib.PIPELINES))
+
+
 def training_rfid(config, reconstruct, mesh) -> dict:
     """{'rfid_<pipeline>': ...} of config.eval.fid_num_examples held-out reconstructions, for
     train_tokenizer, in each of config.eval.fid_pipelines ('adm', 'pytorch_fid').
@@ -182,7 +187,7 @@ def training_rfid(config, reconstruct, mesh) -> dict:
     the held-out originals are computed on the first call and cached.
     """
     d, num = config.data, config.eval.fid_num_examples
-    pipelines = tuple(config.eval.fid_pipelines)
+    pipelines = fid_pipelines(config)
     spaces = feature_spaces(
         pipelines, mesh, inception_path=config.eval.get("fid_inception_weights", "")
     )
