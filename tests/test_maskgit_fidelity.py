@@ -31,7 +31,9 @@ def _model(dtype=jnp.float32):
 
 @functools.cache
 def _state(dtype):
-    build = functools.partial(MaskGIT, vocab=Vocab(64), dtype=dtype, rngs=nnx.Rngs(0), **TINY)
+    def build():
+        return MaskGIT(vocab=Vocab(64), dtype=dtype, rngs=nnx.Rngs(0), **TINY)
+
     return nnx.graphdef(nnx.eval_shape(build)), jax.jit(lambda: nnx.state(build()))()
 
 
