@@ -53,6 +53,12 @@ def get_config(arg=None):
     maskgit.model.update(width=64, depth=3, heads=4, mlp_dim=256, dropout=0.0)
     maskgit.optimizer.update(lr=3e-3, warmup_steps=100)
     maskgit.data.batch_size = 64
+    # Pooled loss, not the official per-sample mean, with the generator EMA (0.999, warm-up),
+    # measured on this demo (1000 samples; shapes_accuracy / shapes_fd): pooled + EMA
+    # 0.982 / 31.8; pooled, no EMA (the former trainer) 0.983 / 29.7; per-sample + EMA
+    # 0.972 / 27.8; per-sample, no EMA 0.968 / 26.7. Per-sample trades ~1 point of accuracy
+    # for a lower FD here; the demo keeps its class-faithfulness figure.
+    maskgit.loss.normalize = "token"
     samples = sample.get_config("tiny")
     samples.update(num_samples=1000, batch_size=200, guidance_scale=3.0)  # 100 per class
     samples.grid.update(columns=10, per_class=32)
