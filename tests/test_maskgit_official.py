@@ -1,0 +1,149 @@
+"""The official MaskGIT (PyPI `maskgit`) against our import of it: random weights serialised as
+the released checkpoints are, imported by jobs/import_maskgit.py into workdirs, then restored
+as any trained run. Same token indices, decoded images within float tolerance, transformer
+logits within 1e-4; the official tree at full size; refusals of wrong files."""
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import official_maskgit as om
+import pytest
+from flax import nnx, serialization
+
+from visual_tokenizers.core.tokens.layout import Vocab
+from visual_tokenizers.jobs import import_maskgit
+from visual_tokenizers.models.maskgit_official import OfficialMaskGIT, official_param_names
+from visual_tokenizers.trained import official_maskgit as importer
+from visual_tokenizers.trained.maskgit import TrainedMaskGIT
+from visual_tokenizers.trained.tokenizer import TrainedTokenizer
+
+pytest.importorskip("maskgit.nets.maskgit_transformer")
+
+LOGITS_ATOL = 1e-4  # the issue's bound, float32 on CPU
+IMAGE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """Random official checkpoints, imported; (import config, official config, variables,
+    paths, workdir)."""
+    root = tmp_path_factory.mktemp("official")
+    c = om.import_config()
+    cf = om.official_config(c)
+    paths, variables = om.write_checkpoints(str(root), cf)
+    c.update(tokenizer_path=paths[0], maskgit_path=paths[1])
+    workdir = str(root / "imported")
+    import_maskgit.run(c, workdir)
+    return c, cf, variables, paths, workdir
+
+
+def test_official_tree_at_256_maps_onto_ours():
+    """Every array of the full-size official transformer has a place of the same shape in
+    ours (traced abstractly: nothing allocated)."""
+    from maskgit.configs import maskgit_class_cond_config
+
+    cf = maskgit_class_cond_config.get_config()
+    _, transformer, length = om.official_models(cf)
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    theirs = jax.eval_shape(lambda x: transformer.init(jax.random.PRNGKey(0), x), ids)["params"]
+    theirs = {path: tuple(v.shape) for path, v in importer._flat(dict(theirs)).items()}
+
+    def build():
+        return OfficialMaskGIT(vocab=Vocab(1024), token_shape=(16, 16), rngs=nnx.Rngs(0))
+
+    ours = nnx.eval_shape(build)
+    shapes = {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    names = official_param_names(ours)
+    assert {names[p]: s for p, s in shapes.items()} == theirs
+    assert theirs[("Embed_0", "word_embeddings", "embedding")] == (1024 + 1000 + 1, 768)
+
+
+def test_tokens_and_images_match_official(imported):
+    c, cf, variables, _, workdir = imported
+    tokenizer_model, _, _ = om.official_models(cf)
+    tok = TrainedTokenizer.from_workdir(os.path.join(workdir, "tokenizer"))
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    # The official colab feeds float images in [0, 1].
+    apply = jax.jit(tokenizer_model.apply, static_argnames="method")  # one compile, not many
+    want = apply(variables[0], images / np.float32(255.0), method="encode_to_indices")
+    got = tok.encode(images)
+    assert got.shape == (8, 8, 8)
+    assert len(np.unique(want)) > 5  # many codes in use: agreement means something
+    np.testing.assert_array_equal(got, want)
+    # Decoded images (before rounding to uint8): ours in [-1, 1], theirs in [0, 1].
+    model = tok.model()
+    ours = (nnx.jit(lambda m, i: m.decode(i))(model, jnp.asarray(want)) + 1.0) / 2.0
+    theirs = apply(variables[0], want, method="decode_from_indices")
+    assert float(jnp.std(theirs)) > 1e-2
+    np.testing.assert_allclose(ours, theirs, atol=IMAGE_ATOL, rtol=1e-4)
+
+
+def test_logits_match_official(imported):
+    c, cf, variables, _, workdir = imported
+    _, transformer, length = om.official_models(cf)
+    mg = TrainedMaskGIT.from_workdir(os.path.join(workdir, "maskgit"))
+    assert mg.config.model.architecture == "official"
+    rng = np.random.default_rng(1)
+    k, n = c.tokenizer.codebook_size, length - 1
+    ids = rng.integers(0, k, (3, n)).astype(np.int32)
+    masked = rng.random((3, n)) < 0.5
+    labels = np.array([0, 7, c.num_classes - 1], np.int32)
+    seq = np.concatenate([k + labels[:, None], np.where(masked, -1, ids)], 1)  # mask id -1
+    want = jax.jit(transformer.apply)(variables[1], seq)[:, 1:, :k]  # deterministic
+    model = mg.model()
+    (got,) = nnx.jit(lambda m, i, x, y: m(i, x, y))(model, ids[..., None], masked, labels)
+    assert got.dtype == jnp.float32 and float(jnp.std(want)) > 0.5
+    np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_import_records_sha256_and_reruns_as_noop(imported):
+    c, _, _, paths, workdir = imported
+    with open(os.path.join(workdir, import_maskgit.RESULT)) as f:
+        record = json.load(f)
+    for part, path in zip(("tokenizer", "maskgit"), paths, strict=True):
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        assert record[part]["sha256"] == digest
+        assert importer.imported_record(os.path.join(workdir, part))["sha256"] == digest
+    mg = TrainedMaskGIT.from_workdir(os.path.join(workdir, "maskgit"))
+    assert mg.config.imported.sha256 == record["maskgit"]["sha256"]
+    assert mg.resolved["tokenizer"]["workdir"] == os.path.join(workdir, "tokenizer")
+    result = import_maskgit.run(c, workdir)  # the same files again: nothing to do
+    assert result["maskgit_sha256"] == record["maskgit"]["sha256"]
+
+
+def _write(path, tree):
+    with open(path, "wb") as f:
+        f.write(serialization.to_bytes(tree))
+
+
+def test_wrong_files_are_refused_naming_the_first_difference(imported, tmp_path):
+    c, _, variables, paths, _ = imported
+    tokenizer, transformer = variables
+    bad = tmp_path / "bad"
+    # The transformer file where the tokenizer is expected: its first array is named.
+    with pytest.raises(
+        importer.WrongWeights, match="unexpected array params/Embed_0/embeddings_ln/bias"
+    ):
+        importer.import_tokenizer(c, paths[1], str(bad / "tok"))
+    # One shape changed (a 512 file into a 256 config): the position table is named.
+    params = jax.tree.map(lambda x: x, transformer)
+    embed = params["params"]["Embed_0"]["position_embeddings"]
+    embed["embedding"] = np.zeros((5, c.transformer.width), np.float32)
+    _write(tmp_path / "shape", params)
+    with pytest.raises(importer.WrongWeights, match="position_embeddings/embedding has shape"):
+        importer.import_transformer(c, str(tmp_path / "shape"), str(bad / "mg"), str(bad))
+    # An extra collection, and bytes that are not msgpack.
+    _write(tmp_path / "extra", {**tokenizer, "batch_stats": {"x": np.zeros(2)}})
+    with pytest.raises(importer.WrongWeights, match="unexpected array batch_stats/x"):
+        importer.import_tokenizer(c, str(tmp_path / "extra"), str(bad / "tok"))
+    (tmp_path / "junk").write_bytes(b"not a checkpoint")
+    with pytest.raises(importer.WrongWeights, match="not a flax msgpack checkpoint"):
+        importer.import_tokenizer(c, str(tmp_path / "junk"), str(bad / "tok"))
+    with pytest.raises(importer.checkpoint.CheckpointError, match="Reproducing MaskGIT"):
+        importer.import_tokenizer(c, str(tmp_path / "missing"), str(bad / "tok"))
+    assert not bad.exists()  # nothing written for a refused file
