@@ -13,12 +13,15 @@ import numpy as np
 import official_maskgit as om
 import pytest
 from flax import nnx, serialization
+from ml_collections import ConfigDict
 
+from visual_tokenizers.configs.maskgit_b16 import sampling
 from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.jobs import import_maskgit
+from visual_tokenizers.models import maskgit_decode as dec
 from visual_tokenizers.models.maskgit_official import OfficialMaskGIT, official_param_names
 from visual_tokenizers.trained import official_maskgit as importer
-from visual_tokenizers.trained.maskgit import TrainedMaskGIT
+from visual_tokenizers.trained.maskgit import TrainedMaskGIT, sample_options
 from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 pytest.importorskip("maskgit.nets.maskgit_transformer")
@@ -147,3 +150,72 @@ def test_wrong_files_are_refused_naming_the_first_difference(imported, tmp_path)
     with pytest.raises(importer.checkpoint.CheckpointError, match="Reproducing MaskGIT"):
         importer.import_tokenizer(c, str(tmp_path / "missing"), str(bad / "tok"))
     assert not bad.exists()  # nothing written for a refused file
+
+
+def _official_generator(root, cf, monkeypatch):
+    """ImageNet_class_conditional_generator as inference.py builds it, reading our random files
+    from ./checkpoints with restore_from_path; records the decoded token sequences and how many
+    tokens each step starts with unknown."""
+    from maskgit import inference
+
+    monkeypatch.setattr(inference.maskgit_class_cond_config, "get_config", lambda: cf)
+    monkeypatch.chdir(root)
+    generator = inference.ImageNet_class_conditional_generator(image_size=cf.image_size)
+    record = {"counts": []}
+    decode = inference.parallel_decode.decode
+
+    def recording_decode(*args, **kwargs):
+        record["seqs"] = decode(*args, **kwargs)
+        return record["seqs"]
+
+    class Counting:  # the transformer, counting mask ids (-1) in what each step sees
+        def __init__(self, model):
+            self.model = model
+
+        def apply(self, variables, seq, **kwargs):
+            jax.debug.callback(record["counts"].append, jnp.sum(seq == -1, -1), ordered=True)
+            return self.model.apply(variables, seq, **kwargs)
+
+    monkeypatch.setattr(inference.parallel_decode, "decode", recording_decode)
+    generator.transformer_model = Counting(generator.transformer_model)
+    return generator, record
+
+
+@pytest.mark.parametrize("steps", [8, 5])
+def test_full_sampler_matches_official_generate_samples(imported, monkeypatch, steps):
+    """Our sampler (rng='official') from the imported workdir vs the official generator on the
+    released-format files: same tokens for the same key, same number of tokens fixed at every
+    step, same images."""
+    c, cf, _, paths, workdir = imported
+    root = os.path.dirname(os.path.dirname(paths[0]))
+    generator, record = _official_generator(root, cf, monkeypatch)
+    k, n = c.tokenizer.codebook_size, generator.transformer_latent_size**2
+    labels = np.array([0, 1, 2, 3, 5, 7, 8, 9], np.int32)
+    inputs = np.concatenate([k + labels[:, None], np.full((8, n), -1)], 1).astype(np.int32)
+    key = jax.random.key(11)
+    run = jax.jit(lambda x, r: (generator.generate_samples(x, r, num_iterations=steps), record))
+    images, _ = run(inputs, key)
+    jax.effects_barrier()
+    theirs = np.asarray(record["seqs"])[:, -1, 1:]
+    started = np.stack([np.asarray(x) for x in record["counts"]])
+
+    mg = TrainedMaskGIT.from_workdir(os.path.join(workdir, "maskgit"))
+    options = dict(steps=steps, rng="official")  # the rest: the official settings (defaults)
+    sampler = mg.generator(sample_options(ConfigDict(sampling(**options)))).sampler
+    tokens = sampler(mg.params, mg.model_state, labels, key)
+    np.testing.assert_array_equal(np.asarray(tokens).reshape(8, n), theirs)
+    assert len(np.unique(theirs)) > 10  # not a degenerate draw
+
+    from visual_tokenizers.models import maskgit_sampling as ms  # the sampling options' module
+
+    model = mg.model()
+    o = ms.SamplingOptions(steps=steps, rng="official")
+    start = (jnp.zeros((8, n, 1), jnp.int32), jnp.ones((8, n), bool))
+    decode = nnx.jit(lambda m, lab: dec.decode(m.guided_logits_fn(lab, steps), *start, key, o))
+    _, remaining = decode(model, labels)
+    assert started.shape == (steps, 8) and np.all(started[0] == n)
+    np.testing.assert_array_equal(np.asarray(remaining)[:-1], started[1:])
+    # Pixels through the Python API (key(seed) as above): ours uint8, theirs in [0, 1].
+    ours = mg.sample(labels, seed=11, **options).astype(np.float32)
+    want = np.clip(np.round(np.asarray(images) * 255.0), 0, 255)
+    assert np.max(np.abs(ours - want)) <= 1.0
