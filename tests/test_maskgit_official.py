@@ -193,10 +193,11 @@ def test_full_sampler_matches_official_generate_samples(imported, monkeypatch, s
     labels = np.array([0, 1, 2, 3, 5, 7, 8, 9], np.int32)
     inputs = np.concatenate([k + labels[:, None], np.full((8, n), -1)], 1).astype(np.int32)
     key = jax.random.key(11)
-    run = jax.jit(lambda x, r: (generator.generate_samples(x, r, num_iterations=steps), record))
-    images, _ = run(inputs, key)
+    # jit: the decoder's sequences leave the trace as an output (recorded while tracing).
+    run = jax.jit(lambda x, r: (generator.generate_samples(x, r, steps), record["seqs"]))
+    images, seqs = run(inputs, key)
     jax.effects_barrier()
-    theirs = np.asarray(record["seqs"])[:, -1, 1:]
+    theirs = np.asarray(seqs)[:, -1, 1:]
     started = np.stack([np.asarray(x) for x in record["counts"]])
 
     mg = TrainedMaskGIT.from_workdir(os.path.join(workdir, "maskgit"))
