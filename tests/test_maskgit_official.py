@@ -194,7 +194,9 @@ def test_full_sampler_matches_official_generate_samples(imported, monkeypatch, s
     inputs = np.concatenate([k + labels[:, None], np.full((8, n), -1)], 1).astype(np.int32)
     key = jax.random.key(11)
     # jit: the decoder's sequences leave the trace as an output (recorded while tracing).
-    run = jax.jit(lambda x, r: (generator.generate_samples(x, r, steps), record["seqs"]))
+    run = jax.jit(
+        lambda x, r: (generator.generate_samples(x, r, num_iterations=steps), record["seqs"])
+    )
     images, seqs = run(inputs, key)
     jax.effects_barrier()
     theirs = np.asarray(seqs)[:, -1, 1:]
@@ -212,7 +214,9 @@ def test_full_sampler_matches_official_generate_samples(imported, monkeypatch, s
     model = mg.model()
     o = ms.SamplingOptions(steps=steps, rng="official")
     start = (jnp.zeros((8, n, 1), jnp.int32), jnp.ones((8, n), bool))
-    decode = nnx.jit(lambda m, lab: dec.decode(m.guided_logits_fn(lab, steps), *start, key, o))
+    decode = nnx.jit(
+        lambda m, lab: dec.decode(m.guided_logits_fn(lab, steps), *start, key, o, prefix=1)
+    )
     _, remaining = decode(model, labels)
     assert started.shape == (steps, 8) and np.all(started[0] == n)
     np.testing.assert_array_equal(np.asarray(remaining)[:-1], started[1:])
