@@ -65,6 +65,28 @@ def test_official_tree_at_256_maps_onto_ours():
     assert theirs[("Embed_0", "word_embeddings", "embedding")] == (1024 + 1000 + 1, 768)
 
 
+def test_layernorm_epsilon_and_init_are_the_official_ones():
+    """What the logits test cannot see (random weights of order one): BERT's epsilon 1e-12 in
+    every LayerNorm, and their truncated normal (cut at 2 sigma, no variance correction: std
+    0.02 * 0.8796) for tables and kernels."""
+    from maskgit.nets import maskgit_transformer as theirs
+
+    def build():
+        return OfficialMaskGIT(
+            vocab=Vocab(1024), token_shape=(4, 4), num_classes=10, width=64, depth=1, heads=2,
+            mlp_dim=128, rngs=nnx.Rngs(0),
+        )  # fmt: skip
+
+    model = nnx.jit(build)()
+    norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.LayerNorm)]
+    assert len(norms) == 4 and all(n.epsilon == theirs.LAYERNORM_EPSILON for n in norms)
+    want = float(jnp.std(theirs.truncated_normal(0.02)(jax.random.key(0), (1035, 64))))
+    for table in (model.word_embed[...], model.blocks[0].fc1.kernel[...]):
+        assert abs(float(jnp.std(table)) / want - 1) < 0.03
+        assert float(jnp.max(jnp.abs(table))) <= 0.04 + 1e-6  # cut at 2 sigma
+    assert not np.any(np.asarray(model.head_bias[...]))
+
+
 def test_tokens_and_images_match_official(imported):
     c, cf, variables, _, workdir = imported
     tokenizer_model, _, _ = om.official_models(cf)
