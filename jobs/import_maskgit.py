@@ -29,7 +29,7 @@ def validate(config) -> None:
     missing = [k for k in ("tokenizer_path", "maskgit_path") if not config[k]]
     if missing:
         raise ConfigError(
-            f"set --config.{missing[0]}=FILE: the released MaskGIT checkpoints ({om.SOURCE})"
+            f"set --config.{missing[0]}=FILE: a released MaskGIT checkpoint, from {om.SOURCE}"
         )
     factor = 2 ** (len(config.tokenizer.channel_multipliers) - 1)
     if config.image_size % factor:

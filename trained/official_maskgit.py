@@ -30,7 +30,8 @@ from visual_tokenizers.models.maskgit_official import official_param_names
 from visual_tokenizers.trained import builders
 from visual_tokenizers.trained import maskgit as trained_maskgit
 
-SOURCE = "https://github.com/google-research/maskgit (README: checkpoints)"
+# Where the four files are linked (google-research/maskgit README, "Running pretrained models").
+SOURCE = "https://storage.googleapis.com/maskgit-public/checkpoints/ (google-research/maskgit)"
 
 
 class WrongWeights(checkpoint.CheckpointError):
