@@ -248,7 +248,7 @@ class MaskGIT(nnx.Module):
     def sample(
         self,
         labels: jax.Array,
-        rng: jax.Array,
+        key: jax.Array,
         steps: int = 8,
         *,
         tokens: jax.Array | None = None,
@@ -259,7 +259,8 @@ class MaskGIT(nnx.Module):
 
         Inpainting / outpainting / class-conditional editing: pass `tokens` (indices to start
         from) and `generate` (bool [B, *token_shape], True = generate, False = keep); with
-        tokens but no mask every token is regenerated. options: the fields of
+        tokens but no mask every token is regenerated. key: the random key (the option `rng`
+        names how draws are made from it). options: the fields of
         maskgit_sampling.SamplingOptions (temperature, top_k, top_p, choice_temperature,
         schedule, confidence, rng, guidance_*), checked before tracing.
         """
@@ -282,7 +283,7 @@ class MaskGIT(nnx.Module):
             guidance_form=o.guidance_form,
             guidance_interval=tuple(o.guidance_interval),
         )
-        ids, _ = dec.decode(logits_fn, ids, unknown, rng, o)
+        ids, _ = dec.decode(logits_fn, ids, unknown, key, o)
         return self.layout.to_tokens(ids)
 
 
