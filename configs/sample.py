@@ -53,7 +53,8 @@ def get_config(arg=None):
     )
     if arg == "tiny":
         config.maskgit.workdir = "runs/maskgit_tiny"  # configs/maskgit_b16.py:tiny's run
-        config.update(num_samples=80, batch_size=40, guidance_scale=2.0)  # 8 per class
+        # 8 per class; constant guidance s = 2 (TiTok's g = 1), unchanged by the linear-ramp fix.
+        config.update(num_samples=80, batch_size=40, guidance_scale=2.0)
         config.grid.per_class = 16
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/sample.py; use '' or 'tiny'")

@@ -111,7 +111,8 @@ def sample_groups(keys, logits: Sequence[jax.Array], temperature, o: ms.Sampling
     keys: ("ours", Gumbel noise [B, N, >= sum_g K_g] sliced per group) or ("official", key):
     jax.random.categorical per group (the key itself for one group, as the official decode).
     Confidence: the summed log-probability of the sampled ids under the (filtered, tempered)
-    distribution, or their summed logits (o.confidence = 'logit').
+    distribution, or their summed logits (o.confidence = 'logit'). Greedy steps (temperature 0)
+    score under temperature 1: their point mass would give every token log p = 0.
     """
     mode, source = keys
     group_keys = [source] * len(logits)
