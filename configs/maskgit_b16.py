@@ -20,15 +20,42 @@ from visual_tokenizers.core.runtime.rules import DEFAULT_RULES
 
 
 def sampling(**overrides) -> dict:
-    """MaskGIT.sample options; also the settings of configs/sample.py."""
+    """MaskGIT.sample options; also the settings of configs/sample.py. Defaults are the official
+    decode's (maskgit/libml/parallel_decode.py); every rule, with its source, is described in
+    models/maskgit_sampling.py. t = 0..T-1 is the step, r = (t+1)/T."""
     options = dict(
         steps=8,  # T = 8 at 256x256 (MaskGIT paper, Table 1)
-        temperature=1.0,  # categorical sampling at the model's logits (official decode)
-        top_k=0,  # 0: all tokens (the official decode has no top-k)
-        choice_temperature=4.5,  # sample_choice_temperature
-        mask_schedule="cosine",  # mask_scheduling_method
-        guidance_scale=1.0,  # 1 = no classifier-free guidance (the original has none)
-        guidance_schedule="constant",  # or 'linear': scale * (t+1)/T (MUSE-style ramp)
+        # Sampling temperature: categorical(logits / temperature); 0 = greedy (argmax). With
+        # temperature_end set it anneals as temperature + (temperature_end - temperature) * r
+        # (TiTok, bytedance/1d-tokenizer ImageBert.generate softmax_temperature_annealing:
+        # temperature=1.3, temperature_end=0.5). Official: 1, no annealing.
+        temperature=1.0,
+        temperature_end=placeholder(float),
+        top_k=0,  # per head: only the k best logits (0: all; the official has no top-k)
+        top_p=1.0,  # per head: nucleus sampling, Holtzman et al. 2020 (1: all tokens)
+        choice_temperature=4.5,  # sample_choice_temperature: Gumbel noise on the confidence
+        # mask_scheduling_method: cosine (official default), linear (official 'uniform'),
+        # square, arccos (MUSE), or the official log, exp, pow<p> (maskgit/libml/mask_schedule.py)
+        mask_schedule="cosine",
+        # Confidence of a sampled token: 'logprob' (official: log p of the sampled token) or
+        # 'logit' (TiTok: its raw logit).
+        confidence="logprob",
+        # Random draws: 'ours' (one Gumbel draw per step) or 'official' (parallel_decode.decode's
+        # key splitting and jax.random.categorical: the same tokens as the official decoder
+        # for the same key and logits; see tests/test_maskgit_official_decode.py).
+        rng="ours",
+        # Classifier-free guidance. guidance_form 'ours': uncond + s (cond - uncond) (MUSE,
+        # lucidrains muse-maskgit-pytorch); 'titok': cond + g (cond - uncond) (TiTok); s = 1 + g.
+        # No guidance: guidance_scale 1 in our form, 0 in TiTok's (the original has none).
+        guidance_scale=1.0,
+        guidance_form="ours",
+        # 'constant', or 'linear': TiTok's guidance_decay ramp g_t = g t/T, conditional at the
+        # first step (until this version 'linear' was s (t+1)/T in our form, below conditional
+        # early: s = 3, T = 8 started at 0.375).
+        guidance_schedule="constant",
+        # Guidance only at steps with lo <= t/T < hi, conditional elsewhere (Kynkaanniemi et al.
+        # 2024, guidance in a limited interval); (0, 1): every step.
+        guidance_interval=(0.0, 1.0),
     )
     options.update(overrides)
     return options
@@ -65,7 +92,10 @@ def maskgit_base() -> ConfigDict:
                 heads=16,  # transformer.num_heads
                 mlp_dim=3072,  # transformer.intermediate_size
                 dropout=0.1,  # transformer.dropout_rate
-                head_group_bits=0,  # binary codes only: bits per factorised head (0: vocab's)
+                # Binary codes only: bits per factorised head. 0: the tokenizer's groups, split
+                # into heads of at most 14 bits when larger (18 bits -> 9 + 9), so no vocabulary
+                # builds a 2**18-way head by accident (models/maskgit_heads.py).
+                head_group_bits=0,
                 num_classes=0,  # 0: from the tokens' source (num_class = 1000 for ImageNet)
                 dtype="bfloat16",  # compute dtype; parameters stay float32
             ),
@@ -73,7 +103,16 @@ def maskgit_base() -> ConfigDict:
                 mask_schedule="cosine",  # mask_scheduling_method
                 label_smoothing=0.1,  # label_smoothing
                 class_dropout=0.1,  # CFG null-class rate (MUSE / TiTok practice; not official)
+                # 'sample': mean over each sample's masked tokens, then over samples (the
+                # official weighted_sequence_cross_entropy_loss, maskgit/libml/losses.py);
+                # 'token': pooled over the batch's masked tokens (this trainer until now).
+                normalize="sample",
             ),
+            # EMA of the generator's weights (base_config polyak_decay = 0.999), with the
+            # tokenizer trainer's warm-up min(decay, (1+t)/(10+t)) (configs/common.py); sampling
+            # uses it. 0 = none.
+            ema_decay=0.999,
+            ema_warmup=True,
             optimizer=dict(
                 name="adamw",
                 lr=1e-4,  # optimizer.lr
@@ -107,7 +146,11 @@ def shrink_to_tiny(config: ConfigDict) -> None:
     config.model.update(width=128, depth=4, heads=4, mlp_dim=256, dtype="float32")
     config.optimizer.update(lr=1e-3, warmup_steps=100, schedule="cosine", grad_clip_norm=1.0)
     config.update(num_steps=600, seed=0, log_every=50, checkpoint_every=300)
+    # Constant guidance s = 2 in our form (TiTok's g = 1): the same samples before and after
+    # the linear-ramp fix, which only changed guidance_schedule='linear'.
     config.sample.update(every=0, guidance_scale=2.0)
+    # 600 steps: the EMA's warm-up keeps its decay at (1+t)/(10+t) <= 0.985 here, so it
+    # averages about the last 70 steps rather than 1000.
 
 
 def get_config(arg=None):

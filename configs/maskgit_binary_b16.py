@@ -15,7 +15,9 @@ from visual_tokenizers.configs import maskgit_b16
 
 def get_config(arg=None):
     config = maskgit_b16.maskgit_base()
-    config.model.head_group_bits = 9  # 18 bits = 2 heads of 2**9 (MAGVIT-v2 factorised heads)
+    # 18 bits = 2 heads of 2**9 (MAGVIT-v2 factorised heads); what head_group_bits=0 now
+    # chooses too, written out for the record.
+    config.model.head_group_bits = 9
     if arg == "tiny":
         maskgit_b16.shrink_to_tiny(config)
         config.tokenizer.workdir = "runs/binary_tiny"  # a configs/binary_b16.py:tiny run

@@ -24,6 +24,9 @@ OFFICIAL = dict(
     mask_schedule="cosine",  # mask_scheduling_method
     guidance_scale=1.0,  # none
     guidance_schedule="constant",
+    # Random numbers drawn as parallel_decode.decode draws them (models/maskgit_decode.py): the
+    # tokens generate_samples gives for the same key (tests/test_maskgit_official.py).
+    rng="official",
 )
 STEPS = {"256": 8, "512": 12}  # MaskGIT paper, Table 1 (ImageNet 256 / 512)
 

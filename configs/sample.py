@@ -6,7 +6,22 @@
   python run.py --config=configs/sample.py:tiny --workdir=OUT --config.maskgit.workdir=RUN  # CPU
 
 Sampling defaults are the official MaskGIT's (configs/maskgit_b16.py `sampling`): T = 8,
-choice temperature 4.5, cosine schedule, no guidance (guidance_scale 1).
+choice temperature 4.5, cosine schedule, no guidance (guidance_scale 1). Every option and its
+source (models/maskgit_sampling.py):
+  temperature / temperature_end  0 = greedy; annealed t0 + (t1 - t0) (t+1)/T (TiTok)
+  top_k / top_p                  per head; top-p = nucleus (Holtzman et al. 2020)
+  choice_temperature             Gumbel noise on the confidence (official)
+  mask_schedule                  cosine, linear (= official uniform), square, arccos (MUSE),
+                                 official log, exp, pow<p> (maskgit/libml/mask_schedule.py)
+  confidence                     logprob (official) or logit (TiTok)
+  rng                            ours, or official (parallel_decode.decode's random draws)
+  guidance_scale / guidance_form ours: uncond + s (cond - uncond) (MUSE); titok: cond + g
+                                 (cond - uncond) (TiTok); s = 1 + g
+  guidance_schedule              constant, or linear: TiTok's ramp g t/T (conditional first)
+  guidance_interval              (lo, hi): guidance only where lo <= t/T < hi (Kynkaanniemi
+                                 et al. 2024)
+The MaskGIT's EMA weights are used when its run kept them (maskgit.use_ema unset); False
+samples with the trained weights.
 """
 
 from ml_collections import ConfigDict
@@ -20,8 +35,9 @@ def get_config(arg=None):
         dict(
             job="sample",
             seed=0,
-            # Which run (configs/common.py): a jobs/train_maskgit.py run (required; MaskGIT runs
-            # keep no EMA). Its tokens' tokenizer decodes, at the step and weights that made
+            # Which run (configs/common.py): a jobs/train_maskgit.py run (required; use_ema as
+            # for every run: unset = its EMA weights when it kept them). Its tokens' tokenizer
+            # decodes, at the step and weights that made
             # them; tokenizer.workdir names where that run lives now if it has moved.
             maskgit=dict(workdir="", step=-1, use_ema=placeholder(bool)),
             tokenizer=dict(workdir=""),
@@ -37,7 +53,8 @@ def get_config(arg=None):
     )
     if arg == "tiny":
         config.maskgit.workdir = "runs/maskgit_tiny"  # configs/maskgit_b16.py:tiny's run
-        config.update(num_samples=80, batch_size=40, guidance_scale=2.0)  # 8 per class
+        # 8 per class; constant guidance s = 2 (TiTok's g = 1), unchanged by the linear-ramp fix.
+        config.update(num_samples=80, batch_size=40, guidance_scale=2.0)
         config.grid.per_class = 16
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/sample.py; use '' or 'tiny'")

@@ -41,6 +41,7 @@ from visual_tokenizers.trained.maskgit import (
     sample_options,
     token_ndim,
 )
+from visual_tokenizers.trained.restored import ema_choice
 from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 
 PARTS = ".parts"
@@ -53,10 +54,6 @@ RESULT = "samples.json"
 def validate(config) -> None:
     if not config.maskgit.workdir:
         raise ConfigError("config.maskgit.workdir is empty: pass a jobs/train_maskgit.py workdir")
-    if config.maskgit.use_ema:
-        raise ConfigError(
-            "config.maskgit.use_ema: MaskGIT runs keep no EMA weights; leave it unset"
-        )
     if config.num_samples <= 0 or config.batch_size <= 0:
         raise ConfigError("config.num_samples and config.batch_size must be positive")
 
@@ -67,7 +64,8 @@ def run(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_sizes(mesh, {"batch_size": config.batch_size})
     step = config.maskgit.step if config.maskgit.step >= 0 else None
-    maskgit = TrainedMaskGIT.from_workdir(config.maskgit.workdir, step, mesh=mesh)
+    use_ema = ema_choice(config.maskgit.use_ema)  # its EMA weights when the run kept them
+    maskgit = TrainedMaskGIT.from_workdir(config.maskgit.workdir, step, use_ema, mesh=mesh)
     r = maskgit.resolved
     classes = [int(c) for c in config.classes] or list(range(r["num_classes"]))
     bad = [c for c in classes if not 0 <= c < r["num_classes"]]
@@ -108,11 +106,13 @@ def _spec(config, maskgit, classes) -> dict:
     return {
         "maskgit_workdir": os.path.abspath(config.maskgit.workdir),
         "maskgit_step": int(maskgit.step),
+        "maskgit_weights": maskgit.weights,  # 'ema' or 'params'
         "num_samples": int(config.num_samples),
         "classes": classes,
         "batch_size": int(config.batch_size),
         "seed": int(config.seed),
-        **{k: v for k, v in sample_options(config).items()},
+        # As JSON stores them (tuples as lists), so that a rerun compares equal.
+        **json.loads(json.dumps(sample_options(config))),
     }
 
 

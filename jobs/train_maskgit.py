@@ -9,14 +9,19 @@ restored run) and are saved with every checkpoint under `config.resolved`, so
 `TrainedMaskGIT.from_workdir` (trained/maskgit.py) rebuilds the model without the tokens.
 
 The step is masked-token prediction (`MaskGIT.loss`: mask schedule, label smoothing, class
-dropout for classifier-free guidance) under AdamW, on the shared loop (core/runtime/loop.py):
-logging, checkpoints, SIGTERM and the NaN guard. `config.sample.every > 0` adds PNG grids of samples
-(one row per class) under WORKDIR/images.
+dropout for classifier-free guidance, `loss.normalize`) under AdamW, on the shared loop
+(core/runtime/loop.py): logging, checkpoints, SIGTERM and the NaN guard. `config.ema_decay > 0`
+keeps an EMA of the generator's weights (the official base_config `polyak_decay` 0.999; TiTok
+trains with one too), updated as the tokenizer trainer's (tokenizers/training.py, warm-up
+included), saved in every checkpoint and kept on resume; sampling (the PNG grids, jobs/sample.py,
+TrainedMaskGIT) uses it when present. `config.sample.every > 0` adds PNG grids of samples (one
+row per class) under WORKDIR/images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -37,7 +42,9 @@ from visual_tokenizers.core.runtime import train_state as ts
 from visual_tokenizers.core.runtime.job import TrainingJob
 from visual_tokenizers.core.tokens import batches as tb
 from visual_tokenizers.core.tokens.layout import Vocab
-from visual_tokenizers.models.maskgit_decode import SCHEDULES
+from visual_tokenizers.models.maskgit_decode import LOSS_NORMALIZE
+from visual_tokenizers.models.maskgit_sampling import check_schedule
+from visual_tokenizers.tokenizers.training import ema_decay_at, ema_record
 from visual_tokenizers.trained import builders
 from visual_tokenizers.trained.maskgit import (
     Generator,
@@ -79,16 +86,25 @@ def optimizer_from_config(config):
     return opt, lr_fn
 
 
-def make_train_step(model_def: ts.ModelDef, optimizer, lr_fn, *, seed: int, loss: dict):
+def make_train_step(
+    model_def: ts.ModelDef,
+    optimizer,
+    lr_fn,
+    *,
+    seed: int,
+    loss: dict,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = True,
+):
     """step(state, {'tokens', 'label'}) -> (state, {loss, accuracy, mask_ratio, lr, grad_norm}).
 
-    Masking, class dropout and dropout draw from key(seed) folded with the step.
+    Masking, class dropout and dropout draw from key(seed) folded with the step. ema_decay > 0:
+    the state's ema_params move towards the updated params (tokenizers/training.py's rule).
     """
-    if loss["mask_schedule"] not in SCHEDULES:
-        raise ConfigError(
-            f"loss.mask_schedule {loss['mask_schedule']!r} is unknown; choose one of "
-            f"{sorted(SCHEDULES)}"
-        )
+    check_schedule(loss["mask_schedule"], "loss.mask_schedule")
+    normalize = loss.get("normalize", "token")  # configs before it existed pooled the tokens
+    if normalize not in LOSS_NORMALIZE:
+        raise ConfigError(f"loss.normalize={normalize!r} is unknown; use one of {LOSS_NORMALIZE}")
 
     def train_step(state: ts.TrainState, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -103,12 +119,18 @@ def make_train_step(model_def: ts.ModelDef, optimizer, lr_fn, *, seed: int, loss
                 schedule=loss["mask_schedule"],
                 label_smoothing=loss["label_smoothing"],
                 class_dropout=loss["class_dropout"],
+                normalize=normalize,
             )
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         params, opt_state = ts.apply_gradients(optimizer, state, grads)
         metrics = {**metrics, "lr": lr_fn(state.step), "grad_norm": optax.global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        ema = state.ema_params
+        if ema_decay > 0:
+            decay = ema_decay_at(ema_decay, state.step + 1, ema_warmup)
+            ema = optax.incremental_update(params, ema, 1.0 - decay)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new.replace(ema_params=ema), metrics
 
     return train_step
 
@@ -264,7 +286,8 @@ def run(config, workdir: str) -> dict:
     r = tokens.resolved
     model_fn = model_fn_from_config(config)
     optimizer, lr_fn = optimizer_from_config(config)
-    model_def, state, shardings = job.restore_or_init(model_fn, optimizer)
+    ema_decay, ema_warmup = config.get("ema_decay", 0.0), config.get("ema_warmup", True)
+    model_def, state, shardings = job.restore_or_init(model_fn, optimizer, ema=ema_decay > 0)
     count = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
         "maskgit: %.2fM parameters; tokens %s: %d examples, grid %s, vocab %d, %d classes",
@@ -276,7 +299,13 @@ def run(config, workdir: str) -> dict:
         r["num_classes"],
     )
     step_fn = make_train_step(
-        model_def, optimizer, lr_fn, seed=config.seed, loss=config.loss.to_dict()
+        model_def,
+        optimizer,
+        lr_fn,
+        seed=config.seed,
+        loss=config.loss.to_dict(),
+        ema_decay=ema_decay,
+        ema_warmup=ema_warmup,
     )
     batch_sh = {
         "tokens": mesh_lib.batch_sharding(mesh, 1 + len(tokens.index_shape)),
@@ -298,6 +327,7 @@ def run(config, workdir: str) -> dict:
         eval_every=config.sample.every,
         evaluate=sampler,
         finish=sample_last,
+        checkpoint_meta=functools.partial(ema_record, ema_decay, ema_warmup),
     )
     result = {"step": int(outcome.state.step), **outcome.metrics}
     if outcome.stopped_early:
@@ -347,7 +377,8 @@ class GridSampler:
     def __call__(self, state, step: int) -> dict:
         start = time.perf_counter()
         rng = jax.random.fold_in(jax.random.key(self.seed + 1), step)
-        images = self.generator(state.params, state.model_state, self.labels, rng)
+        params = state.params if state.ema_params is None else state.ema_params  # as sampling
+        images = self.generator(params, state.model_state, self.labels, rng)
         if jax.process_index() == 0:
             classes = sorted(set(self.labels.tolist()))
             rows = class_grid(images, self.labels, classes, self.columns)

@@ -13,9 +13,11 @@ embedding instead of their token's.
 Vocabulary (`Vocab`, core/tokens/layout.py):
 - plain codebook (bits None): one embedding table and one softmax head over `size` codes;
 - binary codes (bits set): the bits of a token split into groups of `head_groups` bits (by
-  default `vocab.groups`; `head_group_bits` re-splits, e.g. 9 for 2**18 codes as MAGVIT-v2 /
-  Open-MAGVIT2), most significant group first: group id g of a token is its bits
-  [start_g, start_g + groups[g]) read MSB first, the layout of tokenizers/binary.py. Each group
+  default `vocab.groups`, or, when a group is over AUTO_HEAD_BITS = 14 bits, the fewest
+  near-equal groups of at most 14 bits: 2 x 9 for 2**18 codes as MAGVIT-v2 / Open-MAGVIT2;
+  `head_group_bits` re-splits explicitly, up to MAX_HEAD_BITS = 18), most significant group
+  first: group id g of a token is its bits [start_g, start_g + groups[g]) read MSB first, the
+  layout of tokenizers/binary.py. Each group
   has its own table (the embeddings are summed) and its own head of 2**groups[g] logits, so the
   largest tensor is [tokens, 2**max(group)] and 2**18 codes fit.
 
@@ -23,14 +25,19 @@ Tokens enter and leave in the tokenizer's index form: [B, *token_shape] int32 (t
 (h, w) for grids, flattened in raster order, or (L,) for 1-D latents), plus a trailing axis of
 `vocab.groups` group indices for binary codes above 31 bits ([..., G], `Vocab.grouped`).
 
-Loss: cross-entropy with label smoothing on masked tokens only, averaged over all masked
-tokens of the batch. With factorised heads it is the SUM over groups of the per-group
-cross-entropies, i.e. the cross-entropy of the joint distribution prod_g p_g: with one group it
+Loss: cross-entropy with label smoothing on masked tokens only, averaged (`normalize`) per
+sample over its masked tokens then over samples ("sample": the official
+`weighted_sequence_cross_entropy_loss`, maskgit/libml/losses.py), or over all masked tokens of
+the batch ("token": samples with many masked tokens weigh more). With factorised heads it is
+the SUM over groups of the per-group cross-entropies, i.e. the cross-entropy of the joint
+distribution prod_g p_g: with one group it
 is the full softmax loss, and with several it equals the full softmax loss over the joint
 vocabulary whose logits are the sums of group logits (label smoothing included).
 
 Parameters are float32 with logical axis names ('vocab', 'embed', 'mlp', 'heads'); `dtype` is
-the compute dtype. Dropout draws from an explicit key (`rng=None`: deterministic), so the
+the compute dtype of the transformer; the MLM head (dense, LayerNorm, logits) always runs in
+float32, so that neither the loss nor the sampler sees logits rounded to bfloat16 (0.06 apart
+at logit 10). Dropout draws from an explicit key (`rng=None`: deterministic), so the
 model holds no RNG state and `nnx.split` gives params only.
 
 Jitting: `make_sampler(graphdef, ...)` returns a jitted pure function over the split state
@@ -40,87 +47,25 @@ step calls `model_def.merge(params, model_state).loss(tokens, labels, rng)` insi
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from visual_tokenizers.core.errors import ConfigError
 from visual_tokenizers.core.runtime import mesh as mesh_lib
-from visual_tokenizers.core.tokens.layout import (
-    Vocab,
-    bits_to_indices,
-    indices_to_bits,
-    split_bits,
-)
+from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.models import maskgit_decode as dec
+from visual_tokenizers.models import maskgit_sampling as ms
+from visual_tokenizers.models.maskgit_heads import (  # noqa: F401 (re-exported)
+    AUTO_HEAD_BITS,
+    MAX_HEAD_BITS,
+    HeadLayout,
+    head_groups,
+)
 from visual_tokenizers.models.vit import Attention, MlpBlock, _dense, _norm
 
 _embed_init = nnx.initializers.truncated_normal(stddev=0.02)  # BERT / MaskGIT init
-
-
-def head_groups(vocab: Vocab, head_group_bits: int = 0) -> tuple[int, ...] | None:
-    """Bits per factorised head for binary codes (None for a plain codebook)."""
-    if vocab.bits is None:
-        return None
-    if head_group_bits < 0:
-        raise ConfigError(f"maskgit head_group_bits={head_group_bits} must be >= 0 (0: vocab's)")
-    if head_group_bits:
-        return split_bits(vocab.bits, head_group_bits)
-    return tuple(vocab.groups or (vocab.bits,))
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadLayout:
-    """Converts tokenizer indices to per-head group ids [B, N, G] and back (hashable)."""
-
-    vocab: Vocab
-    token_shape: tuple[int, ...]
-    head_group_bits: int = 0
-
-    @property
-    def groups(self) -> tuple[int, ...] | None:
-        return head_groups(self.vocab, self.head_group_bits)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        """Logits per head: the codebook size, or 2**bits of each group."""
-        return (self.vocab.size,) if self.groups is None else tuple(2**g for g in self.groups)
-
-    @property
-    def length(self) -> int:
-        return math.prod(self.token_shape)
-
-    @property
-    def index_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's tokenizer indices."""
-        return self.vocab.index_shape(self.token_shape)
-
-    def to_ids(self, tokens: jax.Array) -> jax.Array:
-        """Tokenizer indices [B, *index_shape] -> group ids [B, N, G]."""
-        if tuple(tokens.shape[1:]) != self.index_shape:
-            raise ConfigError(
-                f"MaskGIT expects tokens [B, {', '.join(map(str, self.index_shape))}]; got "
-                f"{tuple(tokens.shape)}: check model.token_shape against the tokenizer's grid"
-            )
-        tokens = tokens.astype(jnp.int32)
-        if self.groups is None:
-            return tokens.reshape(tokens.shape[0], self.length, 1)
-        grouped = tokens if self.vocab.grouped else tokens[..., None]
-        bits = indices_to_bits(grouped, self.vocab.int32_groups)
-        return bits_to_indices(bits, self.groups).reshape(tokens.shape[0], self.length, -1)
-
-    def to_tokens(self, ids: jax.Array) -> jax.Array:
-        """Group ids [B, N, G] -> tokenizer indices [B, *index_shape]."""
-        batch = ids.shape[0]
-        if self.groups is None:
-            return ids[..., 0].reshape(batch, *self.token_shape)
-        indices = bits_to_indices(indices_to_bits(ids, self.groups), self.vocab.int32_groups)
-        indices = indices if self.vocab.grouped else indices[..., 0]
-        return indices.reshape(batch, *self.index_shape)
 
 
 class Block(nnx.Module):
@@ -176,8 +121,9 @@ class MaskGIT(nnx.Module):
             [Block(width, heads, mlp_dim, dropout, dtype=dtype, rngs=rngs) for _ in range(depth)]
         )
         self.norm = _norm(width, dtype=dtype, rngs=rngs)
-        self.head_dense = _dense(width, width, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.head_norm = _norm(width, dtype=dtype, rngs=rngs)
+        f32 = jnp.float32  # the MLM head runs in float32 (module docstring)
+        self.head_dense = _dense(width, width, ("embed", "mlp"), dtype=f32, rngs=rngs)
+        self.head_norm = _norm(width, dtype=f32, rngs=rngs)
         self.head_bias = nnx.List(
             [nnx.Param(jnp.zeros((k,)), out_sharding=("vocab",)) for k in self.layout.sizes]
         )
@@ -213,9 +159,13 @@ class MaskGIT(nnx.Module):
         x = self.dropout(x, deterministic=rng is None, rngs=keys[0])
         for i, block in enumerate(self.blocks):
             x = block(x, keys[2 * i + 1 : 2 * i + 3])
-        h = self.head_norm(jax.nn.gelu(self.head_dense(self.norm(x)[:, 1:])))
+        return self.head(self.norm(x)[:, 1:])
+
+    def head(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """MLM head in float32: features [B, N, D] (any dtype) -> float32 logits per group."""
+        h = self.head_norm(jax.nn.gelu(self.head_dense(x.astype(jnp.float32))))
         return tuple(
-            (h @ table[...].astype(self.dtype).T + bias[...].astype(self.dtype)).astype(jnp.float32)
+            h @ table[...].T + bias[...]
             for table, bias in zip(self.token_embed, self.head_bias, strict=True)
         )
 
@@ -229,12 +179,14 @@ class MaskGIT(nnx.Module):
         schedule: str = "cosine",
         label_smoothing: float = 0.1,
         class_dropout: float = 0.1,
+        normalize: str = "sample",
     ) -> tuple[jax.Array, dict]:
         """Masked-token loss on tokenizer indices -> (scalar loss, metrics).
 
         Masks clip(ceil(N * schedule(r)), 1, N) random tokens per sample, r ~ U(0, 1]; when
         `train`, replaces labels by `null_label` with probability class_dropout and applies
-        dropout. Metrics: 'loss', 'accuracy' (masked tokens with every group right),
+        dropout. normalize: "sample" or "token" (module docstring). Metrics: 'loss',
+        'accuracy' (masked tokens with every group right),
         'mask_ratio' (mean masked fraction).
         """
         ids = self.layout.to_ids(tokens)
@@ -247,7 +199,9 @@ class MaskGIT(nnx.Module):
         logits = self(ids, masked, labels, rng=drop_rng if train else None)
         weights = masked.astype(jnp.float32)
         count = jnp.sum(weights)
-        loss = jnp.sum(dec.grouped_cross_entropy(logits, ids, label_smoothing) * weights) / count
+        loss = dec.masked_mean(
+            dec.grouped_cross_entropy(logits, ids, label_smoothing), weights, normalize
+        )
         predicted = jnp.stack([jnp.argmax(x, -1) for x in logits], -1)
         correct = jnp.all(predicted == ids, -1).astype(jnp.float32)
         metrics = {
@@ -258,52 +212,59 @@ class MaskGIT(nnx.Module):
         return loss, metrics
 
     def guided_logits_fn(
-        self, labels: jax.Array, steps: int, guidance_scale=None, guidance_schedule="constant"
+        self,
+        labels: jax.Array,
+        steps: int,
+        guidance_scale=None,
+        guidance_schedule: str = "constant",
+        *,
+        guidance_form: str = "ours",
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
     ) -> dec.LogitsFn:
         """The decoding logits function for `labels`.
 
         guidance_scale None: conditional logits only (one pass, as the official MaskGIT).
-        Otherwise classifier-free guidance uncond + s_t * (cond - uncond) with s_t =
-        guidance_scale ('constant') or guidance_scale * (t+1)/T ('linear'): scale 0 gives
-        exactly the unconditional (null-label) logits, scale 1 the conditional ones. The two
-        passes run as one batch of 2B.
+        Otherwise classifier-free guidance (models/maskgit_sampling.py): in our form
+        uncond + s_t (cond - uncond) (scale 0: exactly the unconditional logits, 1: the
+        conditional ones), in TiTok's cond + g_t (cond - uncond); s_t = 1 + g_t, g_t constant
+        or TiTok's linear ramp g t/T, and 0 outside guidance_interval. The two passes run as
+        one batch of 2B.
         """
         labels = labels.astype(jnp.int32)
         if guidance_scale is None:
             return lambda ids, unknown, step: self(ids, unknown, labels)
+        weight = guidance_scale - 1.0 if guidance_form == "ours" else guidance_scale
         both = jnp.concatenate([labels, jnp.full_like(labels, self.null_label)])
         twice = lambda x: jnp.concatenate([x, x])  # noqa: E731
 
         def logits_fn(ids, unknown, step):
-            scale = dec.guidance_scale_at(step, steps, guidance_scale, guidance_schedule)
+            g = ms.guidance_weight(step, steps, weight, guidance_schedule, guidance_interval)
             logits = self(twice(ids), twice(unknown), both)
             half = labels.shape[0]
-            return tuple(dec.apply_guidance(x[:half], x[half:], scale) for x in logits)
+            return tuple(ms.apply_guidance(x[:half], x[half:], g, guidance_form) for x in logits)
 
         return logits_fn
 
     def sample(
         self,
         labels: jax.Array,
-        rng: jax.Array,
+        key: jax.Array,
         steps: int = 8,
         *,
         tokens: jax.Array | None = None,
         generate: jax.Array | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        choice_temperature: float = 4.5,
-        schedule: str = "cosine",
-        guidance_scale: float | None = None,
-        guidance_schedule: str = "constant",
+        **options,
     ) -> jax.Array:
         """Generates tokenizer indices [B, *index_shape] for labels [B] (null_label: none).
 
         Inpainting / outpainting / class-conditional editing: pass `tokens` (indices to start
         from) and `generate` (bool [B, *token_shape], True = generate, False = keep); with
-        tokens but no mask every token is regenerated. temperature > 0 scales the sampling
-        logits; top_k > 0 samples among each group's k best; see maskgit_decode.decode.
+        tokens but no mask every token is regenerated. key: the random key (the option `rng`
+        names how draws are made from it). options: the fields of
+        maskgit_sampling.SamplingOptions (temperature, top_k, top_p, choice_temperature,
+        schedule, confidence, rng, guidance_*), checked before tracing.
         """
+        o = ms.SamplingOptions(steps=steps, **options)
         batch, length = labels.shape[0], self.layout.length
         group_count = len(self.layout.sizes)
         if tokens is None:
@@ -314,18 +275,15 @@ class MaskGIT(nnx.Module):
             unknown = jnp.ones((batch, length), bool)
         else:
             unknown = jnp.asarray(generate, bool).reshape(batch, length)
-        logits_fn = self.guided_logits_fn(labels, steps, guidance_scale, guidance_schedule)
-        ids, _ = dec.decode(
-            logits_fn,
-            ids,
-            unknown,
-            rng,
-            steps=steps,
-            schedule=schedule,
-            temperature=temperature,
-            top_k=top_k,
-            choice_temperature=choice_temperature,
+        logits_fn = self.guided_logits_fn(
+            labels,
+            steps,
+            o.guidance_scale,
+            o.guidance_schedule,
+            guidance_form=o.guidance_form,
+            guidance_interval=tuple(o.guidance_interval),
         )
+        ids, _ = dec.decode(logits_fn, ids, unknown, key, o, prefix=1)  # class token first
         return self.layout.to_tokens(ids)
 
 

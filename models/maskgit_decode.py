@@ -1,6 +1,8 @@
-"""MaskGIT mask schedules, training masks and loss, classifier-free guidance, parallel decoding.
+"""MaskGIT training masks and loss, and parallel decoding.
 
-Pure functions over arrays (no nnx), shared by models/maskgit.py and testable on their own.
+Pure functions over arrays (no nnx), shared by models/maskgit.py and testable on their own. The
+sampling rules (mask schedules, guidance, temperatures, filters, options and their checks) are
+in models/maskgit_sampling.py.
 
 Tokens are handled here as group ids `ids` [B, N, G] int32: one group for a plain codebook,
 G groups of bits for binary codes (see models/maskgit.py). Logits are a tuple with one
@@ -10,10 +12,10 @@ heads are independent given the transformer output).
 Decoding (MaskGIT, Chang et al. 2022; the official `parallel_decode.decode`): with N0 tokens
 to generate in a sample and T steps, step t = 0..T-1
 
-1. samples every unknown token from categorical(logits / temperature) (optionally only among
-   the top-k logits of each group);
-2. scores it: confidence = log p(sampled) + choice_temperature * (1 - (t+1)/T) * Gumbel noise,
-   where p is the distribution it was sampled from; known tokens score +inf;
+1. samples every unknown token from categorical(logits / temperature_t) (optionally only among
+   the top-k / top-p logits of each group; argmax when temperature_t = 0);
+2. scores it: confidence = log p(sampled) (or its logit) + choice_temperature * (1 - (t+1)/T)
+   * Gumbel noise, where p is the distribution it was sampled from; known tokens score +inf;
 3. keeps the n lowest-confidence tokens unknown for the next step, with
    n = clip(floor(N0 * schedule((t+1)/T)), 1, unknown - 1) (at least one stays unknown, at
    least one is fixed, as in the official code) and n = 0 at the last step, which fills all.
@@ -23,34 +25,17 @@ The steps run in `lax.fori_loop`, so the compiled graph holds one copy of the mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from visual_tokenizers.core.errors import ConfigError
-
-# ratio r in [0, 1] -> mask ratio in [0, 1]: 1 at r = 0 (all masked), 0 at r = 1.
-SCHEDULES: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "cosine": lambda r: jnp.cos(0.5 * math.pi * r),  # MaskGIT's default
-    "linear": lambda r: 1.0 - r,
-    "square": lambda r: 1.0 - r * r,
-    "arccos": lambda r: jnp.arccos(r) / (0.5 * math.pi),  # MUSE / MAGE
-}
-GUIDANCE_SCHEDULES = ("constant", "linear")
+from visual_tokenizers.models import maskgit_sampling as ms
+from visual_tokenizers.models.maskgit_sampling import SCHEDULES, mask_ratio  # noqa: F401
 
 # (ids, unknown [B, N] bool, step) -> one [B, N, K_g] float32 logits array per group.
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], Sequence[jax.Array]]
-
-
-def mask_ratio(r, schedule: str = "cosine") -> jax.Array:
-    """The fraction of tokens masked at progress r in [0, 1] under `schedule`."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown mask schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-    r = jnp.clip(jnp.asarray(r, jnp.float32), 0.0, 1.0)
-    # cos(pi/2) is -4e-8 in float32: clip so that counts never go negative.
-    return jnp.clip(SCHEDULES[schedule](r), 0.0, 1.0)
 
 
 def random_mask(rng: jax.Array, ratios: jax.Array, length: int) -> jax.Array:
@@ -66,9 +51,10 @@ def _mask_from_scores(scores: jax.Array, ratios: jax.Array) -> jax.Array:
 
 
 def training_mask(rng: jax.Array, batch: int, length: int, schedule: str = "cosine"):
-    """MaskGIT training mask: r ~ U(0, 1], ratio = schedule(r); returns (mask, ratios)."""
+    """MaskGIT training mask: r ~ U(0, 1], ratio = schedule(r); returns (mask, ratios).
+    (`log` / `exp` take N0 = length, every token being maskable.)"""
     uniform = jax.random.uniform(rng, (batch, length + 1))  # one draw: r, then position scores
-    ratios = mask_ratio(1.0 - uniform[:, 0], schedule)  # 1 - U[0, 1) is uniform on (0, 1]
+    ratios = mask_ratio(1.0 - uniform[:, 0], schedule, length)  # 1 - U[0, 1) is uniform on (0, 1]
     return _mask_from_scores(uniform[:, 1:], ratios), ratios
 
 
@@ -86,100 +72,153 @@ def grouped_cross_entropy(logits, ids: jax.Array, label_smoothing: float = 0.0) 
     return total
 
 
-def guidance_scale_at(step, steps: int, scale: float, schedule: str = "constant"):
-    """Guidance scale at step t: constant `scale`, or `scale * (t+1)/T` for 'linear'."""
-    if schedule == "constant":
-        return jnp.float32(scale)
-    if schedule == "linear":
-        return scale * (jnp.asarray(step, jnp.float32) + 1.0) / steps
-    raise ConfigError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
+LOSS_NORMALIZE = ("sample", "token")
 
 
-def apply_guidance(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:
-    """Classifier-free guidance: uncond + scale * (cond - uncond).
+def masked_mean(loss: jax.Array, weights: jax.Array, normalize: str = "sample") -> jax.Array:
+    """Mean of loss [B, N] over the tokens of weight 1 (every row has at least one).
 
-    scale 0 is exactly the unconditional logits, scale 1 the conditional ones, scale > 1
-    pushes away from the unconditional prediction.
+    "sample": per sample over its masked tokens, then over samples, as the official
+    `weighted_sequence_cross_entropy_loss` (maskgit/libml/losses.py); "token": over all masked
+    tokens of the batch pooled (rows with many masked tokens weigh more).
     """
-    return uncond + scale * (cond - uncond)
-
-
-def _top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
-    """Logits below the k-th largest of each row set to -inf (top_k <= 0: unchanged)."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def sample_groups(noise: jax.Array, logits: Sequence[jax.Array], temperature=1.0, top_k: int = 0):
-    """Samples each group independently by Gumbel-max; (ids [B, N, G], summed log-prob [B, N]).
-
-    noise: standard Gumbel noise [B, N, >= sum_g K_g], sliced per group, so that one random
-    draw per decoding step serves every group (each draw is a threefry hash to compile and run).
-    argmax(logits + Gumbel) is exactly how jax.random.categorical samples.
-    """
-    ids, logp, start = [], 0.0, 0
-    for group_logits in logits:
-        size = group_logits.shape[-1]
-        scaled = _top_k_filter(group_logits.astype(jnp.float32) / temperature, top_k)
-        choice = jnp.argmax(scaled + noise[..., start : start + size], axis=-1)
-        log_probs = jax.nn.log_softmax(scaled, axis=-1)
-        logp = logp + jnp.take_along_axis(log_probs, choice[..., None], -1)[..., 0]
-        ids.append(choice.astype(jnp.int32))
-        start += size
-    return jnp.stack(ids, -1), logp
+    if normalize == "sample":
+        return jnp.mean(jnp.sum(loss * weights, -1) / jnp.sum(weights, -1))
+    if normalize == "token":
+        return jnp.sum(loss * weights) / jnp.sum(weights)
+    raise ConfigError(f"loss.normalize={normalize!r} is unknown; choose one of {LOSS_NORMALIZE}")
 
 
 def remask_count(step, steps: int, total: jax.Array, unknown: jax.Array, schedule: str):
     """How many tokens stay unknown after `step`: see the module docstring, point 3."""
-    ratio = mask_ratio((jnp.asarray(step, jnp.float32) + 1.0) / steps, schedule)
+    ratio = mask_ratio((jnp.asarray(step, jnp.float32) + 1.0) / steps, schedule, total)
     n = jnp.floor(total.astype(jnp.float32) * ratio).astype(jnp.int32)
     n = jnp.maximum(1, jnp.minimum(unknown - 1, n))
     n = jnp.minimum(n, unknown)  # nothing unknown (inpainting with nothing to do): 0
     return jnp.where(step == steps - 1, 0, n)
 
 
+def _choose(scaled, temperature, draw, greedy_logits):
+    """ids [B, N] drawn by `draw(scaled)`, or argmax of greedy_logits where temperature is 0."""
+    drawn = draw(scaled)
+    greedy = jnp.argmax(greedy_logits, axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def _official_categorical(key, logits: jax.Array, prefix: int) -> jax.Array:
+    """jax.random.categorical over the official sequence [B, prefix + N, K]: the draw covers
+    the `prefix` leading positions (the class token) too, and their samples are dropped."""
+    padded = jnp.pad(logits, ((0, 0), (prefix, 0), (0, 0)))
+    return jax.random.categorical(key, padded)[:, prefix:]
+
+
+def sample_groups(
+    keys, logits: Sequence[jax.Array], temperature, o: ms.SamplingOptions, prefix: int = 0
+):
+    """Samples each group independently; (ids [B, N, G], confidence [B, N] without noise).
+
+    keys: ("ours", Gumbel noise [B, N, >= sum_g K_g] sliced per group) or ("official", key):
+    jax.random.categorical per group (the key itself for one group, as the official decode).
+    Confidence: the summed log-probability of the sampled ids under the (filtered, tempered)
+    distribution, or their summed logits (o.confidence = 'logit'). Greedy steps (temperature 0)
+    score under temperature 1: their point mass would give every token log p = 0.
+    """
+    mode, source = keys
+    group_keys = [source] * len(logits)
+    if mode == "official" and len(logits) > 1:  # groups: independent keys (no official rule)
+        group_keys = list(jax.random.split(source, len(logits)))
+    safe = jnp.where(temperature > 0, temperature, 1.0)  # 0 is greedy: no division by zero
+    ids, confidence, start = [], 0.0, 0
+    for g, group_logits in enumerate(logits):
+        size = group_logits.shape[-1]
+        logits32 = group_logits.astype(jnp.float32)
+        # Temperature first, then the filters on the tempered distribution (as top-p expects).
+        scaled = ms.filter_logits(logits32 / safe, o.top_k, o.top_p)
+        if mode == "ours":  # argmax(logits + Gumbel) is how jax.random.categorical samples
+            noise = source[..., start : start + size]
+            draw = lambda x, noise=noise: jnp.argmax(x + noise, axis=-1)  # noqa: E731
+        else:
+            draw = lambda x, key=group_keys[g]: _official_categorical(key, x, prefix)  # noqa: E731
+        choice = _choose(scaled, temperature, draw, logits32)
+        if o.confidence == "logit":
+            score = scaled
+        elif mode == "official":  # log(softmax), as the official decode scores, bit for bit
+            score = jnp.log(jax.nn.softmax(scaled, axis=-1))
+        else:
+            score = jax.nn.log_softmax(scaled, axis=-1)
+        confidence = confidence + jnp.take_along_axis(score, choice[..., None], -1)[..., 0]
+        ids.append(choice)
+        start += size
+    return jnp.stack(ids, -1), confidence
+
+
+def _step_noise(rng, step, shape, logits, mode, prefix: int = 0):
+    """(state key, sampling noise or key, choice noise [B, N]) for one step in `mode`."""
+    if mode == "official":  # parallel_decode.decode's splitting, in its order
+        rng, sample_rng = jax.random.split(rng)
+        rng, choice_rng = jax.random.split(rng)
+        full = (shape[0], prefix + shape[1])  # the official sequence: class token first
+        return rng, ("official", sample_rng), jax.random.gumbel(choice_rng, full)[:, prefix:]
+    # One draw per step: the groups' sampling noise, then the choice noise in the last slot
+    # (each draw is a threefry hash to compile and run).
+    width = sum(x.shape[-1] for x in logits) + 1
+    noise = jax.random.gumbel(jax.random.fold_in(rng, step), (*shape, width))
+    return rng, ("ours", noise), noise[..., -1]
+
+
+def _keep_unknown(confidence, count, mode):
+    """bool [B, N]: the `count` least confident positions (known ones score +inf)."""
+    if mode == "official":  # the official cut-off: strictly below the count-th smallest
+        cut = jnp.take_along_axis(jnp.sort(confidence, axis=-1), count[:, None], axis=-1)
+        return confidence < cut
+    ranks = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)
+    return ranks < count[:, None]
+
+
 def decode(
     logits_fn: LogitsFn,
     ids: jax.Array,
     unknown: jax.Array,
-    rng: jax.Array,
+    key: jax.Array,
+    options: ms.SamplingOptions | None = None,
     *,
-    steps: int = 8,
-    schedule: str = "cosine",
-    temperature: float = 1.0,
-    top_k: int = 0,
-    choice_temperature: float = 4.5,
+    prefix: int = 0,
+    **kwargs,
 ):
     """MaskGIT parallel decoding from `ids` [B, N, G], generating where `unknown` [B, N].
 
     logits_fn(ids, unknown, step) returns the (guided) logits, one [B, N, K_g] per group; it
     must ignore `ids` where `unknown` is set. Tokens outside `unknown` are returned unchanged.
-    Returns (ids [B, N, G], remaining [T, B] int32: tokens still unknown after each step).
+    key: the random key (a state advanced per step when options.rng is 'official').
+    prefix: with rng 'official', positions in front of the N tokens in the official sequence
+    (1 for MaskGIT's class token, as `generate_samples` decodes [class, tokens]): the official
+    draws cover them, so the tokens get the same random numbers as there.
+    options: a SamplingOptions, or its fields as keywords (steps, schedule, temperature, ...;
+    the guidance fields belong to logits_fn). Returns (ids [B, N, G], remaining [T, B] int32:
+    tokens still unknown after each step).
     """
-    if steps < 1:
-        raise ConfigError(f"decoding needs steps >= 1, got {steps}")
+    o = options if options is not None else ms.SamplingOptions(**kwargs)
+    steps = o.steps
     total = jnp.sum(unknown, -1, dtype=jnp.int32)
 
     def body(step, carry):
-        ids, unknown, remaining = carry
+        ids, unknown, remaining, state = carry
         logits = logits_fn(ids, unknown, step)
-        # One draw per step: the groups' sampling noise, then the choice noise in the last slot.
-        width = sum(x.shape[-1] for x in logits) + 1
-        noise = jax.random.gumbel(jax.random.fold_in(rng, step), (*unknown.shape, width))
-        sampled, logp = sample_groups(noise, logits, temperature, top_k)
+        state, sample_noise, choice_noise = _step_noise(
+            state, step, unknown.shape, logits, o.rng, prefix
+        )
+        temperature = ms.temperature_at(step, steps, o.temperature, o.temperature_end)
+        sampled, confidence = sample_groups(sample_noise, logits, temperature, o, prefix)
         ids = jnp.where(unknown[..., None], sampled, ids)
-        noise_scale = choice_temperature * (1.0 - (step + 1.0) / steps)
-        confidence = logp + noise_scale * noise[..., -1]
+        ratio = (step + 1.0) / steps  # as the official: 1. * (step + 1) / num_iter
+        confidence = confidence + o.choice_temperature * (1.0 - ratio) * choice_noise
         confidence = jnp.where(unknown, confidence, jnp.inf)
-        count = remask_count(step, steps, total, jnp.sum(unknown, -1, dtype=jnp.int32), schedule)
-        # Rank 0 = least confident; known tokens (+inf) rank last and count <= unknown tokens.
-        ranks = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)
-        unknown = ranks < count[:, None]
+        count = remask_count(step, steps, total, jnp.sum(unknown, -1, dtype=jnp.int32), o.schedule)
+        unknown = _keep_unknown(confidence, count, o.rng)
         remaining = remaining.at[step].set(jnp.sum(unknown, -1, dtype=jnp.int32))
-        return ids, unknown, remaining
+        return ids, unknown, remaining, state
 
     remaining = jnp.zeros((steps, ids.shape[0]), jnp.int32)
-    ids, _, remaining = jax.lax.fori_loop(0, steps, body, (ids, unknown, remaining))
+    carry = (ids, unknown, remaining, key)
+    ids, _, remaining, _ = jax.lax.fori_loop(0, steps, body, carry)
     return ids, remaining

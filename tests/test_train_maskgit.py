@@ -85,9 +85,9 @@ def mg_config(**extra):
     return _set(config, {**overrides, **extra})
 
 
-def _params(workdir, step=None):
+def _params(workdir, step=None, part="params"):
     step, state = checkpoint.load_raw(workdir, step)
-    return step, jax.tree.leaves(state["params"])
+    return step, jax.tree.leaves(state[part])
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,9 @@ def test_training_on_an_export_lowers_the_loss(reference_run, export_dir):
     assert loaded.step == 16
     assert loaded.resolved["vocab"]["size"] == 256 and loaded.resolved["token_shape"] == [8, 8]
     assert loaded.resolved["num_classes"] == 10 and loaded.model().num_classes == 10
-    _, saved = _params(workdir)
+    # The generator's EMA (configs/maskgit_b16.py ema_decay) is what a finished run samples with.
+    assert loaded.weights == "ema"
+    _, saved = _params(workdir, part="ema_params")
     for a, b in zip(jax.tree.leaves(loaded.params), saved, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
 
@@ -141,10 +143,11 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(reference_run, export_dir
     assert result["step"] == 16
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x["step"] for x in lines if "loss" in x] == [10, 12, 14, 16]  # resumed at 8
-    _, resumed = _params(workdir)
-    _, reference = _params(reference_run[0])
-    for a, b in zip(resumed, reference, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for part in ("params", "ema_params"):  # the generator's EMA resumes too
+        _, resumed = _params(workdir, part=part)
+        _, reference = _params(reference_run[0], part=part)
+        for a, b in zip(resumed, reference, strict=True):
+            np.testing.assert_array_equal(a, b)
     reference_losses = [
         json.loads(x) for x in open(os.path.join(reference_run[0], "metrics.jsonl"))
     ]
@@ -229,6 +232,7 @@ def test_sample_job_writes_adm_samples_of_the_model(reference_run, tokenizer_dir
     assert len(os.listdir(os.path.join(out, "grids"))) == 2
     record = json.load(open(os.path.join(out, "samples.json")))
     assert record["steps"] == 3 and record["guidance_scale"] == 1.5
+    assert record["maskgit_weights"] == "ema"  # the generator's EMA samples
     assert record["maskgit"]["step"] == 16 and record["tokenizer"]["step"] == 0
     assert not os.path.exists(os.path.join(out, sample.PARTS))
     # The samples are the model's: batch b = sample(labels, fold_in(key(seed), b)), decoded.

@@ -25,6 +25,7 @@ from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.models.maskgit import MaskGIT, make_sampler
 from visual_tokenizers.models.maskgit_official import OfficialMaskGIT
+from visual_tokenizers.models.maskgit_sampling import SamplingOptions
 from visual_tokenizers.tokenizers.tokenizer import DTYPES
 from visual_tokenizers.trained import inputs
 from visual_tokenizers.trained.restored import Restored, restore
@@ -69,21 +70,38 @@ def model_fn_from_config(config):
 
 
 def sample_options(s) -> dict:
-    """MaskGIT.sample keyword options from a config section (steps, temperatures, guidance).
+    """MaskGIT.sample keyword options from a config section (configs/maskgit_b16.py `sampling`),
+    checked (ConfigError naming the option and the fix).
 
-    guidance_scale 1 with the constant schedule is plain conditional sampling (one pass, the
-    official MaskGIT); any other value runs classifier-free guidance.
+    No guidance (scale 1 in our form, 0 in TiTok's, whatever the schedule) is plain conditional
+    sampling (one pass, the official MaskGIT); anything else runs classifier-free guidance.
+    Keys added since a config was saved take their defaults (the former behaviour).
     """
-    plain = float(s.guidance_scale) == 1.0 and s.guidance_schedule == "constant"
-    return dict(
-        steps=int(s.steps),
-        temperature=float(s.temperature),
-        top_k=int(s.top_k),
-        choice_temperature=float(s.choice_temperature),
-        schedule=s.mask_schedule,
-        guidance_scale=None if plain else float(s.guidance_scale),
-        guidance_schedule=s.guidance_schedule,
+    d = sampling()
+    d.update({k: v for k, v in s.items() if k in d})
+    form = d["guidance_form"]
+    plain = float(d["guidance_scale"]) == (1.0 if form == "ours" else 0.0)
+    end = d["temperature_end"]
+    options = dict(
+        steps=int(d["steps"]),
+        temperature=float(d["temperature"]),
+        temperature_end=None if end is None else float(end),
+        top_k=int(d["top_k"]),
+        top_p=float(d["top_p"]),
+        choice_temperature=float(d["choice_temperature"]),
+        schedule=d["mask_schedule"],
+        confidence=d["confidence"],
+        rng=d["rng"],
+        guidance_scale=None if plain else float(d["guidance_scale"]),
+        guidance_form=form,
+        guidance_schedule=d["guidance_schedule"],
+        guidance_interval=tuple(float(x) for x in d["guidance_interval"]),
     )
+    try:
+        SamplingOptions(**options)
+    except ConfigError as e:
+        raise ConfigError(f"sampling option {e}") from e
+    return options
 
 
 def token_ndim(resolved: dict) -> int:
@@ -135,7 +153,8 @@ class TrainedMaskGIT(Restored):
     @classmethod
     def from_workdir(cls, path: str, step=None, use_ema=None, mesh=None) -> TrainedMaskGIT:
         """The MaskGIT of a train_maskgit run (its saved config rebuilds the model).
-        use_ema: as for every finished run (this trainer keeps no EMA: None or False)."""
+        use_ema: as for every finished run: None = its EMA weights when it kept them
+        (config.ema_decay > 0), False = the trained weights."""
         fields = restore(
             path, model_fn_from_config, step=step, use_ema=use_ema, mesh=mesh, step_key=STEP_KEY
         )
@@ -169,9 +188,10 @@ class TrainedMaskGIT(Restored):
     def sample(self, labels, seed: int = 0, **options) -> np.ndarray:
         """Class labels [B] -> uint8 images [B, H, W, 3], decoded by `tokenizer`.
 
-        options: the sampling settings of configs/sample.py (steps, temperature, top_k,
-        choice_temperature, mask_schedule, guidance_scale, guidance_schedule); the rest keep
-        the official MaskGIT's defaults. B must divide over the mesh's batch axes.
+        options: the sampling settings of configs/sample.py (configs/maskgit_b16.py
+        `sampling`: steps, temperature, temperature_end, top_k, top_p, choice_temperature,
+        mask_schedule, confidence, rng, guidance_*); the rest keep the official defaults. B
+        must divide over the mesh's batch axes.
         """
         unknown = sorted(set(options) - set(sampling()))
         if unknown:
