@@ -43,6 +43,7 @@ JOBS = {
     "sample": "visual_tokenizers.jobs.sample",
     "demo": "visual_tokenizers.jobs.demo",
     "reference_batch": "visual_tokenizers.jobs.reference_batch",
+    "import_maskgit": "visual_tokenizers.jobs.import_maskgit",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

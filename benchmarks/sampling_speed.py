@@ -13,7 +13,11 @@ on either side.
   class token in front, under `jax.jit`, as `maskgit/inference.py` calls it (tokens only).
   Only these two modules are imported (the package's nets/discriminator.py does not parse).
 - Ours: `MaskGIT(vocab=Vocab(codebook))` of the same size, sampled by `make_sampler` (jit of a
-  pure function over the `nnx.split` state).
+  pure function over the `nnx.split` state). `--architecture=official`: ours is
+  `OfficialMaskGIT` (models/maskgit_official.py) carrying the peer's own weights, serialised
+  as the released checkpoints are and imported by trained/official_maskgit.py: the same
+  network on both sides, so the ratio measures the samplers. `--draws=official` also makes
+  ours draw its random numbers as the official decode (same tokens: checked).
 
 Both use random weights (sampling cost does not depend on them) and float32 by default
 (`--dtype=bfloat16` runs ours in bfloat16, for reference only: the ratio is then not like for
@@ -35,6 +39,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 
@@ -45,13 +50,18 @@ this_checkout.use()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+from flax import nnx, serialization  # noqa: E402
 from maskgit.libml import parallel_decode  # noqa: E402
 from maskgit.nets import maskgit_transformer  # noqa: E402
 
 from visual_tokenizers.benchmarks.tokenizer_speed import compile_seconds, time_pair  # noqa: E402
 from visual_tokenizers.core.tokens.layout import Vocab  # noqa: E402
 from visual_tokenizers.models.maskgit import MaskGIT, make_sampler  # noqa: E402
+from visual_tokenizers.models.maskgit_official import (  # noqa: E402
+    OfficialMaskGIT,
+    official_param_names,
+)
+from visual_tokenizers.trained import official_maskgit as importer  # noqa: E402
 
 PEER_NAME = "official MaskGIT transformer + parallel_decode (maskgit==0.0.1.dev0, jax.jit)"
 CHOICE_TEMPERATURE = 4.5
@@ -92,22 +102,39 @@ def build_peer(args):
     return params, jax.jit(sample)
 
 
-def build_ours(args, guidance=None):
-    """Our MaskGIT with random weights (initialised under jit) and its jitted sampler."""
+def imported_peer(build, peer_params):
+    """The peer's weights written as a released checkpoint is, imported into `build()`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "maskgit_checkpoint")
+        with open(path, "wb") as f:
+            f.write(serialization.to_bytes({"params": peer_params}))
+        model = importer.abstract_model(build)
+        variables, _ = importer.read_checkpoint(path, "transformer")
+        importer.copy_params(model, variables, official_param_names(model), path)
+    return nnx.split(model, nnx.Param, ...)
+
+
+def build_ours(args, guidance=None, peer_params=None):
+    """Our MaskGIT (random weights initialised under jit, or the peer's at the official
+    architecture) and its jitted sampler."""
+    cls = OfficialMaskGIT if args.architecture == "official" else MaskGIT
 
     def build():
-        return MaskGIT(
+        return cls(
             vocab=Vocab(args.codebook), token_shape=(args.grid, args.grid),
             num_classes=args.classes, width=args.width, depth=args.layers, heads=args.heads,
             mlp_dim=args.mlp, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0),
         )  # fmt: skip
 
-    graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-    params, rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[1:])()
-    sampler = make_sampler(
-        graphdef, steps=args.steps, choice_temperature=CHOICE_TEMPERATURE, guidance_scale=guidance
-    )
-    return params, rest, sampler
+    if args.architecture == "official":
+        graphdef, params, rest = imported_peer(build, peer_params)
+    else:
+        graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, ...)[0]
+        params, rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[1:])()
+    options = dict(choice_temperature=CHOICE_TEMPERATURE, guidance_scale=guidance)
+    if args.draws == "official":
+        options["rng"] = "official"
+    return params, rest, make_sampler(graphdef, steps=args.steps, **options)
 
 
 def time_one(fn, reps):
@@ -138,6 +165,14 @@ def parse_args():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--guidance", type=float, default=None, help="also time ours with CFG")
+    parser.add_argument(
+        "--architecture", default="ours", choices=["ours", "official"],
+        help="official: ours is OfficialMaskGIT with the peer's weights imported",
+    )  # fmt: skip
+    parser.add_argument(
+        "--draws", default="ours", choices=["ours", "official"],
+        help="official: ours draws as parallel_decode (same tokens at --architecture=official)",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -153,17 +188,24 @@ def main():
         flush=True,
     )
     peer_params, peer_sample = build_peer(args)
-    our_params, our_rest, our_sample = build_ours(args)
+    our_params, our_rest, our_sample = build_ours(args, peer_params=peer_params)
     print(f"params: ours {count_params(our_params):,}, peer {count_params(peer_params):,}")
     labels = jnp.arange(args.batch, dtype=jnp.int32) % args.classes
     key = jax.random.PRNGKey(0)
     c_ours, ours = compile_seconds(our_sample, our_params, our_rest, labels, key)
     c_peer, peer = compile_seconds(peer_sample, peer_params, labels, key)
     print(f"compile: ours {c_ours:.1f} s, peer {c_peer:.1f} s", flush=True)
-    for name, tokens in (("ours", ours(our_params, our_rest, labels, key)),
-                         ("peer", peer(peer_params, labels, key))):  # fmt: skip
+    outputs = {
+        "ours": ours(our_params, our_rest, labels, key),
+        "peer": peer(peer_params, labels, key),
+    }
+    for name, tokens in outputs.items():
         lo, hi = int(tokens.min()), int(tokens.max())
         assert 0 <= lo and hi < args.codebook, f"{name} produced tokens outside the codebook"
+    if args.architecture == "official" and args.draws == "official":
+        same = float(jnp.mean(outputs["ours"] == outputs["peer"]))
+        print(f"same network, official draws: {same:.4f} of the tokens equal", flush=True)
+        assert same == 1.0, "ours and the official sampler disagree on the same network"
     t_ours, t_peer = time_pair(
         partial(ours, our_params, our_rest, labels, key), partial(peer, peer_params, labels, key),
         args.reps,
@@ -175,7 +217,7 @@ def main():
         flush=True,
     )
     if args.guidance is not None:
-        g_params, g_rest, g_sample = build_ours(args, guidance=args.guidance)
+        g_params, g_rest, g_sample = build_ours(args, args.guidance, peer_params)
         c_g, guided = compile_seconds(g_sample, g_params, g_rest, labels, key)
         t_g = time_one(partial(guided, g_params, g_rest, labels, key), args.reps)
         print(
@@ -188,7 +230,7 @@ def main():
             dict(
                 benchmark="sampling_speed",
                 unit=f"images/s (tokens only, {args.grid}x{args.grid}, T={args.steps}, "
-                f"batch {args.batch}, {args.layers}x{args.width})",
+                f"batch {args.batch}, {args.layers}x{args.width}, ours {args.architecture})",
                 ours=round(ours_rate, 4),
                 peer=round(peer_rate, 4),
                 ratio=round(ours_rate / peer_rate, 4),

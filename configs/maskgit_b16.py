@@ -84,6 +84,9 @@ def maskgit_base() -> ConfigDict:
                 prefetch=2,
             ),
             model=dict(
+                # 'ours' (pre-norm) or 'official' (post-norm BERT as the released model:
+                # models/maskgit_official.py); trained/maskgit.py ARCHITECTURES.
+                architecture="ours",
                 width=768,  # transformer.num_embeds
                 depth=24,  # transformer.num_layers
                 heads=16,  # transformer.num_heads

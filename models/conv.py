@@ -22,6 +22,12 @@ Parameter names: our nnx path -> path in the official Flax params (`params/encod
       norm_out -> GroupNorm_0, conv_out -> Conv_{len(upsample_convs)+1}
   VQ codebook (tokenizers/vq.py) <- params/quantizer/codebook
 
+Pixel range: our tokenizers see images in [-1, 1]. MaskGIT's released tokenizer was trained on
+images in [0, 1] (its colab feeds `np.float32(image) / 255` and shows the decoder's output
+clipped to [0, 1]); `unit_range=True` keeps the interface in [-1, 1] and converts exactly at
+the network's ends (the encoder reads (x + 1) / 2, the decoder returns 2 y - 1), so the
+imported weights see what they were trained on.
+
 `maskgit_param_names(module)` returns this mapping for a built module; tests/test_conv.py
 checks it against the official model's tree and outputs.
 """
@@ -119,11 +125,12 @@ class ConvEncoder(nnx.Module):
         channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
         num_res_blocks: int = 2,
         in_channels: int = 3,
+        unit_range: bool = False,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         _check_size(image_size, channel_multipliers)
-        self.dtype = dtype
+        self.dtype, self.unit_range = dtype, unit_range
         self.conv_in = _conv(in_channels, filters, 3, bias=False, dtype=dtype, rngs=rngs)
         blocks, downsample_after = [], []
         width = filters
@@ -142,6 +149,7 @@ class ConvEncoder(nnx.Module):
         self.conv_out = _conv(width, out_dim, 1, bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(self, images):
+        images = (images + 1.0) / 2.0 if self.unit_range else images  # see the module docstring
         x = self.conv_in(images.astype(self.dtype))
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -162,11 +170,12 @@ class ConvDecoder(nnx.Module):
         channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
         num_res_blocks: int = 2,
         out_channels: int = 3,
+        unit_range: bool = False,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         _check_size(image_size, channel_multipliers)
-        self.dtype = dtype
+        self.dtype, self.unit_range = dtype, unit_range
         width = filters * channel_multipliers[-1]
         self.conv_in = _conv(in_dim, width, 3, bias=True, dtype=dtype, rngs=rngs)
         blocks = [ResBlock(width, width, dtype=dtype, rngs=rngs) for _ in range(num_res_blocks)]
@@ -193,8 +202,8 @@ class ConvDecoder(nnx.Module):
             x = block(x)
             if i in self.upsample_after:
                 x = self.upsample_convs[self.upsample_after.index(i)](upsample(x))
-        x = self.conv_out(jax.nn.swish(self.norm_out(x)))
-        return x.astype(jnp.float32)
+        x = self.conv_out(jax.nn.swish(self.norm_out(x))).astype(jnp.float32)
+        return 2.0 * x - 1.0 if self.unit_range else x
 
 
 def _block_names(block: ResBlock) -> dict[tuple, tuple]:

@@ -283,7 +283,7 @@ class MaskGIT(nnx.Module):
             guidance_form=o.guidance_form,
             guidance_interval=tuple(o.guidance_interval),
         )
-        ids, _ = dec.decode(logits_fn, ids, unknown, key, o)
+        ids, _ = dec.decode(logits_fn, ids, unknown, key, o, prefix=1)  # class token first
         return self.layout.to_tokens(ids)
 
 

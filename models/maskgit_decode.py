@@ -105,7 +105,16 @@ def _choose(scaled, temperature, draw, greedy_logits):
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
-def sample_groups(keys, logits: Sequence[jax.Array], temperature, o: ms.SamplingOptions):
+def _official_categorical(key, logits: jax.Array, prefix: int) -> jax.Array:
+    """jax.random.categorical over the official sequence [B, prefix + N, K]: the draw covers
+    the `prefix` leading positions (the class token) too, and their samples are dropped."""
+    padded = jnp.pad(logits, ((0, 0), (prefix, 0), (0, 0)))
+    return jax.random.categorical(key, padded)[:, prefix:]
+
+
+def sample_groups(
+    keys, logits: Sequence[jax.Array], temperature, o: ms.SamplingOptions, prefix: int = 0
+):
     """Samples each group independently; (ids [B, N, G], confidence [B, N] without noise).
 
     keys: ("ours", Gumbel noise [B, N, >= sum_g K_g] sliced per group) or ("official", key):
@@ -129,7 +138,7 @@ def sample_groups(keys, logits: Sequence[jax.Array], temperature, o: ms.Sampling
             noise = source[..., start : start + size]
             draw = lambda x, noise=noise: jnp.argmax(x + noise, axis=-1)  # noqa: E731
         else:
-            draw = lambda x, key=group_keys[g]: jax.random.categorical(key, x)  # noqa: E731
+            draw = lambda x, key=group_keys[g]: _official_categorical(key, x, prefix)  # noqa: E731
         choice = _choose(scaled, temperature, draw, logits32)
         if o.confidence == "logit":
             score = scaled
@@ -143,12 +152,13 @@ def sample_groups(keys, logits: Sequence[jax.Array], temperature, o: ms.Sampling
     return jnp.stack(ids, -1), confidence
 
 
-def _step_noise(rng, step, shape, logits, mode):
+def _step_noise(rng, step, shape, logits, mode, prefix: int = 0):
     """(state key, sampling noise or key, choice noise [B, N]) for one step in `mode`."""
     if mode == "official":  # parallel_decode.decode's splitting, in its order
         rng, sample_rng = jax.random.split(rng)
         rng, choice_rng = jax.random.split(rng)
-        return rng, ("official", sample_rng), jax.random.gumbel(choice_rng, shape)
+        full = (shape[0], prefix + shape[1])  # the official sequence: class token first
+        return rng, ("official", sample_rng), jax.random.gumbel(choice_rng, full)[:, prefix:]
     # One draw per step: the groups' sampling noise, then the choice noise in the last slot
     # (each draw is a threefry hash to compile and run).
     width = sum(x.shape[-1] for x in logits) + 1
@@ -171,6 +181,8 @@ def decode(
     unknown: jax.Array,
     key: jax.Array,
     options: ms.SamplingOptions | None = None,
+    *,
+    prefix: int = 0,
     **kwargs,
 ):
     """MaskGIT parallel decoding from `ids` [B, N, G], generating where `unknown` [B, N].
@@ -178,6 +190,9 @@ def decode(
     logits_fn(ids, unknown, step) returns the (guided) logits, one [B, N, K_g] per group; it
     must ignore `ids` where `unknown` is set. Tokens outside `unknown` are returned unchanged.
     key: the random key (a state advanced per step when options.rng is 'official').
+    prefix: with rng 'official', positions in front of the N tokens in the official sequence
+    (1 for MaskGIT's class token, as `generate_samples` decodes [class, tokens]): the official
+    draws cover them, so the tokens get the same random numbers as there.
     options: a SamplingOptions, or its fields as keywords (steps, schedule, temperature, ...;
     the guidance fields belong to logits_fn). Returns (ids [B, N, G], remaining [T, B] int32:
     tokens still unknown after each step).
@@ -189,9 +204,11 @@ def decode(
     def body(step, carry):
         ids, unknown, remaining, state = carry
         logits = logits_fn(ids, unknown, step)
-        state, sample_noise, choice_noise = _step_noise(state, step, unknown.shape, logits, o.rng)
+        state, sample_noise, choice_noise = _step_noise(
+            state, step, unknown.shape, logits, o.rng, prefix
+        )
         temperature = ms.temperature_at(step, steps, o.temperature, o.temperature_end)
-        sampled, confidence = sample_groups(sample_noise, logits, temperature, o)
+        sampled, confidence = sample_groups(sample_noise, logits, temperature, o, prefix)
         ids = jnp.where(unknown[..., None], sampled, ids)
         ratio = (step + 1.0) / steps  # as the official: 1. * (step + 1) / num_iter
         confidence = confidence + o.choice_temperature * (1.0 - ratio) * choice_noise

@@ -129,6 +129,22 @@ def _check_sample_config(full, tiny):
     assert tiny.num_samples % tiny.batch_size == 0 and tiny.batch_size % 8 == 0
 
 
+def _check_import_config(full, tiny):
+    """Both workdir configs of an import build (full ones abstractly) at the expected grid."""
+    from visual_tokenizers.jobs import import_maskgit
+    from visual_tokenizers.trained import maskgit
+    from visual_tokenizers.trained import official_maskgit as om
+
+    for config, grid in ((full, 16), (tiny, 8)):
+        config.update(tokenizer_path="t", maskgit_path="m")
+        import_maskgit.validate(config)
+        tok = nnx.eval_shape(builders.model_fn_from_config(om.tokenizer_config(config)))
+        assert tok.vocab.size == config.tokenizer.codebook_size
+        record = {"workdir": "t", "step": 0, "weights": "params"}
+        mg = nnx.eval_shape(maskgit.model_fn_from_config(om.maskgit_config(config, record, grid)))
+        assert mg.token_shape == (grid, grid) and len(mg.blocks) == config.transformer.depth
+
+
 def _check_demo_config(full, tiny):
     """Every stage's sub-config is CPU-sized and passes its own job's check."""
     for key, check in (("tokenizer", _check_tokenizer_config), ("export", _check_export_config),
@@ -150,6 +166,7 @@ JOB_CHECKS = {
     "sample": _check_sample_config,
     "demo": _check_demo_config,
     "reference_batch": _check_reference_batch_config,
+    "import_maskgit": _check_import_config,
 }
 
 

@@ -24,6 +24,7 @@ from visual_tokenizers.core.runtime import checkpoint
 from visual_tokenizers.core.runtime import mesh as mesh_lib
 from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.models.maskgit import MaskGIT, make_sampler
+from visual_tokenizers.models.maskgit_official import OfficialMaskGIT
 from visual_tokenizers.models.maskgit_sampling import SamplingOptions
 from visual_tokenizers.tokenizers.tokenizer import DTYPES
 from visual_tokenizers.trained import inputs
@@ -33,10 +34,19 @@ from visual_tokenizers.trained.tokenizer import TrainedTokenizer
 STEP_KEY = "maskgit.step"  # the jobs' key for a MaskGIT run's step (configs/common.py)
 
 
-def build_maskgit(*, seed: int, dtype: str, **kwargs) -> MaskGIT:
+# model.architecture -> class: our pre-norm transformer, or the official post-norm BERT
+# (models/maskgit_official.py, what jobs/import_maskgit.py loads the released weights into).
+ARCHITECTURES = {"ours": MaskGIT, "official": OfficialMaskGIT}
+
+
+def build_maskgit(*, seed: int, dtype: str, architecture: str = "ours", **kwargs) -> MaskGIT:
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
-    return MaskGIT(dtype=DTYPES[dtype], rngs=nnx.Rngs(seed), **kwargs)
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(
+            f"model.architecture {architecture!r} is unknown; choose one of {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[architecture](dtype=DTYPES[dtype], rngs=nnx.Rngs(seed), **kwargs)
 
 
 def model_fn_from_config(config):
@@ -44,6 +54,7 @@ def model_fn_from_config(config):
     m, r = config.model, config.resolved
     return functools.partial(
         build_maskgit,
+        architecture=m.get("architecture", "ours"),  # runs saved before the key existed
         vocab=Vocab.from_dict(r.vocab.to_dict()),
         token_shape=tuple(r.token_shape),
         num_classes=int(r.num_classes),
