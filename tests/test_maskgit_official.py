@@ -19,6 +19,7 @@ from visual_tokenizers.configs.maskgit_b16 import sampling
 from visual_tokenizers.core.tokens.layout import Vocab
 from visual_tokenizers.jobs import import_maskgit
 from visual_tokenizers.models import maskgit_decode as dec
+from visual_tokenizers.models import maskgit_sampling as ms
 from visual_tokenizers.models.maskgit_official import OfficialMaskGIT, official_param_names
 from visual_tokenizers.trained import official_maskgit as importer
 from visual_tokenizers.trained.maskgit import TrainedMaskGIT, sample_options
@@ -208,8 +209,6 @@ def test_full_sampler_matches_official_generate_samples(imported, monkeypatch, s
     """Our sampler (rng='official') from the imported workdir vs the official generator on the
     released-format files: same tokens for the same key, same number of tokens fixed at every
     step, same images."""
-    # The rng='official' sampling option (issue 16, item 5) lives in this module.
-    ms = pytest.importorskip("visual_tokenizers.models.maskgit_sampling")
     c, cf, _, paths, workdir = imported
     root = os.path.dirname(os.path.dirname(paths[0]))
     generator, record = _official_generator(root, cf, monkeypatch)
