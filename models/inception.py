@@ -52,12 +52,18 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     src = np.maximum((np.arange(out_size, dtype=np.float32) + 0.5) * scale - 0.5, 0).astype(
         np.float32
     )
+    return _interpolation_matrix(src, in_size)
+
+
+def _interpolation_matrix(src: np.ndarray, in_size: int) -> np.ndarray:
+    """[out, in] linear interpolation at float32 source coordinates `src` (>= 0): the lower
+    neighbour floor(src), the upper one clamped to the last pixel."""
     lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
     frac = (src - lo).astype(np.float32)
-    matrix = np.zeros((out_size, in_size), np.float32)
-    np.add.at(matrix, (np.arange(out_size), lo), np.float32(1) - frac)
-    np.add.at(matrix, (np.arange(out_size), hi), frac)
+    matrix = np.zeros((len(src), in_size), np.float32)
+    np.add.at(matrix, (np.arange(len(src)), lo), np.float32(1) - frac)
+    np.add.at(matrix, (np.arange(len(src)), hi), frac)
     return matrix
 
 
@@ -75,13 +81,7 @@ def tf1_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """
     scale = np.float32(in_size) / np.float32(out_size)
     src = (np.arange(out_size, dtype=np.float32) * scale).astype(np.float32)
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = (src - lo).astype(np.float32)
-    matrix = np.zeros((out_size, in_size), np.float32)
-    np.add.at(matrix, (np.arange(out_size), lo), np.float32(1) - frac)
-    np.add.at(matrix, (np.arange(out_size), hi), frac)
-    return matrix
+    return _interpolation_matrix(src, in_size)
 
 
 def _resize(x, matrix_fn):
